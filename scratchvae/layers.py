@@ -1,0 +1,304 @@
+"""Dense layers and activations, each with its forward and, right under it, its backward.
+
+Conventions (used everywhere in scratchvae):
+
+* arrays are row-major batches: ``x`` has shape ``(batch, n_in)``;
+* ``forward`` caches exactly what ``backward`` needs and nothing else;
+* ``backward(d_y)`` takes the gradient of the scalar loss with respect to the
+  layer's output and returns the gradient with respect to its input; a layer
+  with parameters *accumulates* (``+=``) their gradients into its ``d_W`` and
+  ``d_b`` views of the model's flat gradient buffer.
+
+Parameters live in one contiguous flat buffer per model (see :func:`bind_flat`):
+each layer's ``W`` and ``b`` are views into it, and ``d_W``/``d_b`` views into the
+matching flat gradient buffer. The optimiser then updates one array, a
+checkpoint saves one array, and a whole-model gradient check perturbs one array.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .backend import get_array_module
+
+# --------------------------------------------------------------------------------------
+# Elementwise functions shared by activations and likelihoods (stable forms).
+# --------------------------------------------------------------------------------------
+
+
+def sigmoid(x):
+    r"""Logistic sigmoid in its overflow-free tanh form.
+
+    .. math:: \sigma(x) = \frac{1}{1 + e^{-x}} = \tfrac12\,(1 + \tanh(x/2))
+    """
+    xp = get_array_module(x)
+    return 0.5 * (1.0 + xp.tanh(0.5 * x))
+
+
+def softplus(x):
+    r"""Softplus without overflow.
+
+    .. math:: \operatorname{softplus}(x) = \log(1 + e^{x}) = \operatorname{logaddexp}(0, x)
+    """
+    xp = get_array_module(x)
+    return xp.logaddexp(0.0, x)
+
+
+# --------------------------------------------------------------------------------------
+# Activations: y = f(x) elementwise, d_x = d_y * f'(x).
+# --------------------------------------------------------------------------------------
+
+
+class Activation:
+    """Base class of elementwise activations; ``x`` and ``y`` have any shape."""
+
+    name = "activation"
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, d_y):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Identity(Activation):
+    r""":math:`y = x`, :math:`\partial y/\partial x = 1`."""
+
+    name = "identity"
+
+    def forward(self, x):
+        return x
+
+    def backward(self, d_y):
+        return d_y
+
+
+class ReLU(Activation):
+    r"""Rectified linear unit.
+
+    .. math::
+        y = \max(x, 0), \qquad
+        \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y}\,[y > 0]
+
+    (the subgradient at 0 is taken as 0). Caches ``y``.
+    """
+
+    name = "relu"
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        self.y = xp.maximum(x, 0)
+        return self.y
+
+    def backward(self, d_y):
+        return d_y * (self.y > 0)
+
+
+class Tanh(Activation):
+    r"""Hyperbolic tangent.
+
+    .. math::
+        y = \tanh x, \qquad \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y}(1 - y^2)
+
+    Caches ``y``.
+    """
+
+    name = "tanh"
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        self.y = xp.tanh(x)
+        return self.y
+
+    def backward(self, d_y):
+        return d_y * (1.0 - self.y * self.y)
+
+
+class Sigmoid(Activation):
+    r"""Logistic sigmoid.
+
+    .. math::
+        y = \sigma(x), \qquad \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y}\,y(1 - y)
+
+    Caches ``y``.
+    """
+
+    name = "sigmoid"
+
+    def forward(self, x):
+        self.y = sigmoid(x)
+        return self.y
+
+    def backward(self, d_y):
+        return d_y * self.y * (1.0 - self.y)
+
+
+class Softplus(Activation):
+    r"""Softplus, a smooth ReLU.
+
+    .. math::
+        y = \log(1 + e^{x}), \qquad \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y}\,\sigma(x)
+
+    Caches ``x``.
+    """
+
+    name = "softplus"
+
+    def forward(self, x):
+        self.x = x
+        return softplus(x)
+
+    def backward(self, d_y):
+        return d_y * sigmoid(self.x)
+
+
+ACTIVATIONS = {cls.name: cls for cls in (Identity, ReLU, Tanh, Sigmoid, Softplus)}
+
+
+def make_activation(name: str) -> Activation:
+    """An activation by name: one of ``identity, relu, tanh, sigmoid, softplus``."""
+    try:
+        return ACTIVATIONS[name]()
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------
+# Dense layer.
+# --------------------------------------------------------------------------------------
+
+
+class Dense:
+    r"""Fully connected layer.
+
+    .. math::
+        y = x W + b
+
+        \frac{\partial L}{\partial W} = x^\top \frac{\partial L}{\partial y}, \quad
+        \frac{\partial L}{\partial b} = \sum_{\text{batch}} \frac{\partial L}{\partial y}, \quad
+        \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y} W^\top
+
+    Shapes: ``x (batch, n_in)``, ``W (n_in, n_out)``, ``b (n_out,)``,
+    ``y (batch, n_out)``. ``W, b, d_W, d_b`` are views into the model's flat
+    buffers, set by :func:`bind_flat`. Caches ``x``.
+
+    Parameters
+    ----------
+    n_in, n_out : int
+    init : {"he", "glorot"}
+        He et al. (2015) normal, :math:`W \sim N(0, 2/n_{in})`, suits ReLU;
+        Glorot & Bengio (2010) uniform,
+        :math:`W \sim U(\pm\sqrt{6/(n_{in}+n_{out})})`, suits tanh, sigmoid,
+        softplus and linear outputs. Biases start at zero.
+    """
+
+    def __init__(self, n_in: int, n_out: int, init: str = "glorot"):
+        if init not in ("he", "glorot"):
+            raise ValueError(f"unknown init {init!r}; choose 'he' or 'glorot'")
+        self.n_in, self.n_out, self.init = int(n_in), int(n_out), init
+        self.size = self.n_in * self.n_out + self.n_out
+
+    def bind(self, params, grads) -> None:
+        """Make ``W, b`` views of ``params`` and ``d_W, d_b`` views of ``grads`` (both 1-D, ``size`` long)."""
+        k = self.n_in * self.n_out
+        self.W = params[:k].reshape(self.n_in, self.n_out)
+        self.b = params[k:]
+        self.d_W = grads[:k].reshape(self.n_in, self.n_out)
+        self.d_b = grads[k:]
+
+    def initialize(self, rng) -> None:
+        """Draw ``W`` in place from the layer's init scheme and zero ``b``."""
+        dtype = self.W.dtype
+        if self.init == "he":
+            self.W[...] = rng.normal(self.W.shape, dtype) * math.sqrt(2.0 / self.n_in)
+        else:
+            a = math.sqrt(6.0 / (self.n_in + self.n_out))
+            self.W[...] = (2.0 * rng.uniform(self.W.shape, dtype) - 1.0) * a
+        self.b[...] = 0
+
+    def forward(self, x):
+        self.x = x
+        return x @ self.W + self.b
+
+    def backward(self, d_y, need_input_grad: bool = True):
+        """Accumulate ``d_W``, ``d_b``; return ``d_x`` (``None`` if not ``need_input_grad``)."""
+        self.d_W += self.x.T @ d_y
+        self.d_b += d_y.sum(axis=0)
+        return d_y @ self.W.T if need_input_grad else None
+
+    def __repr__(self):
+        return f"Dense({self.n_in}, {self.n_out}, init={self.init!r})"
+
+
+class MLP:
+    r"""A stack of dense layers with an activation after each but the last.
+
+    .. math:: h_0 = x,\quad h_i = f(h_{i-1} W_i + b_i),\quad y = h_{L-1} W_L + b_L
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        ``(n_in, hidden_1, ..., n_out)``.
+    activation : str
+        Hidden activation name (see :data:`ACTIVATIONS`).
+    init : str or None
+        ``None`` chooses He for ReLU hidden layers and Glorot otherwise; the
+        last (linear) layer is always Glorot.
+    """
+
+    def __init__(self, sizes, activation: str = "relu", init: str | None = None):
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"layer sizes must be >= 1 and at least two of them, got {sizes}")
+        hidden_init = init or ("he" if activation == "relu" else "glorot")
+        self.layers = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            last = i == len(sizes) - 2
+            self.layers.append(Dense(n_in, n_out, init="glorot" if last else hidden_init))
+            if not last:
+                self.layers.append(make_activation(activation))
+
+    @property
+    def dense(self):
+        """The dense layers, in order."""
+        return [layer for layer in self.layers if isinstance(layer, Dense)]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, d_y, need_input_grad: bool = True):
+        """Backward through the stack in reverse order; see :meth:`Dense.backward`."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if isinstance(layer, Dense):
+                d_y = layer.backward(d_y, need_input_grad=need_input_grad or i > 0)
+            else:
+                d_y = layer.backward(d_y)
+        return d_y
+
+
+def bind_flat(dense_layers, xp, dtype):
+    """Allocate one flat parameter buffer and one flat gradient buffer for ``dense_layers``.
+
+    Each layer's ``W, b`` (and ``d_W, d_b``) become views into consecutive
+    slices, in the order given.
+
+    Returns
+    -------
+    params, grads : 1-D arrays of length ``sum(layer.size)``
+    """
+    n = sum(layer.size for layer in dense_layers)
+    params = xp.zeros(n, dtype=dtype)
+    grads = xp.zeros(n, dtype=dtype)
+    offset = 0
+    for layer in dense_layers:
+        layer.bind(params[offset : offset + layer.size], grads[offset : offset + layer.size])
+        offset += layer.size
+    return params, grads

@@ -1,0 +1,409 @@
+r"""The variational autoencoder and the plain autoencoder, with hand-written backward passes.
+
+VAE (Kingma & Welling, 2014), for a batch ``x`` of shape ``(batch, input_dim)``:
+
+.. math::
+    [\mu, \log\sigma^2] = e(x) \qquad\text{(encoder MLP)}
+
+    z = \mu + \sigma\,\epsilon,\quad \sigma = \exp(\tfrac12\log\sigma^2),\quad \epsilon\sim N(0,I)
+
+    \text{decoder output} = d(z) \qquad\text{(logits, or the Gaussian mean [and log-variance])}
+
+    \text{loss} = \frac1B\sum_b \big[-\log p(x_b|z_b) + \beta\,\mathrm{KL}(q(z|x_b)\,\|\,N(0,I))\big]
+               = -\frac1B\sum_b \mathrm{ELBO}(x_b) \quad(\beta = 1)
+
+The loss is summed over data dimensions and latent dimensions and *averaged*
+over the batch: it is the negative ELBO per example, in nats.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import losses as L
+from .backend import Generator, get_xp, to_device
+from .layers import MLP, bind_flat, make_activation, sigmoid
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+class Loss(NamedTuple):
+    """A loss and its parts, per example (batch mean), as 0-d arrays on the model's device."""
+
+    loss: object
+    recon: object
+    kl: object
+
+
+def _as_dtype(dtype):
+    key = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if key not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose float32 or float64")
+    return DTYPES[key]
+
+
+def _as_sizes(hidden, what="hidden"):
+    if isinstance(hidden, (int, np.integer)):
+        hidden = (hidden,)
+    try:
+        sizes = tuple(int(h) for h in hidden)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a sequence of positive ints, got {hidden!r}") from None
+    if any(h < 1 for h in sizes):
+        raise ValueError(f"{what} sizes must be positive, got {sizes}")
+    return sizes
+
+
+class _Model:
+    """What the VAE and the autoencoder share: flat buffers, dtype/backend, input checks."""
+
+    def _setup(self, input_dim, latent_dim, backend, dtype, seed):
+        if int(input_dim) < 1 or int(latent_dim) < 1:
+            raise ValueError(f"input_dim and latent_dim must be positive, got {input_dim}, {latent_dim}")
+        self.input_dim, self.latent_dim = int(input_dim), int(latent_dim)
+        self.xp = get_xp(backend)
+        self.dtype = _as_dtype(dtype)
+        self.seed = int(seed)
+        self.rng = Generator(self.seed, self.xp)
+
+    def _build(self, *mlps):
+        dense = [layer for mlp in mlps for layer in mlp.dense]
+        self.params, self.grads = bind_flat(dense, self.xp, self.dtype)
+        init_rng = Generator(self.seed, self.xp)
+        for layer in dense:
+            layer.initialize(init_rng)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.params.size)
+
+    def check_input(self, x, name="x", bounded=False):
+        """Validate a batch and return it on the model's device in its dtype.
+
+        Raises ``ValueError`` naming the problem: not 2-D, wrong feature
+        dimension, empty, integer/bool/object dtype, NaN/inf, or (for a
+        Bernoulli likelihood, ``bounded=True``) values outside ``[0, 1]``.
+        """
+        xp = self.xp
+        dtype = getattr(x, "dtype", None)
+        if dtype is None:
+            x = np.asarray(x)
+            dtype = x.dtype
+        if np.dtype(dtype).kind != "f":
+            raise ValueError(
+                f"{name} must be a floating-point array, got dtype {np.dtype(dtype)} "
+                "(convert images with x.astype(np.float32) / 255)"
+            )
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"{name} must have shape (batch, {self.input_dim}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch")
+        x = to_device(x, xp, dtype=self.dtype)
+        if not bool(xp.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        if bounded and not bool(((x >= 0) & (x <= 1)).all()):
+            raise ValueError(f"{name} must lie in [0, 1] for the Bernoulli likelihood")
+        return x
+
+
+class VAE(_Model):
+    r"""Variational autoencoder with an MLP encoder and decoder and a Gaussian latent.
+
+    Parameters
+    ----------
+    input_dim : int
+        Data dimension ``D`` (784 for MNIST).
+    hidden : sequence of int
+        Encoder hidden widths; the decoder mirrors them unless ``decoder_hidden`` is given.
+    latent_dim : int
+        Latent dimension ``J``.
+    likelihood : {"bernoulli", "gaussian", "gaussian_learned"}
+        ``bernoulli``: the decoder outputs logits ``l`` and
+        :math:`-\log p(x|z) = \sum_d \operatorname{softplus}(l_d) - x_d l_d`
+        (targets in ``[0, 1]``). ``gaussian``: the decoder outputs the mean and
+        the variance is fixed to ``exp(gaussian_log_var)``; the seed's
+        :math:`(x - \hat x)^2` loss. ``gaussian_learned``: the decoder outputs a
+        mean and a per-pixel log-variance (``2 D`` outputs).
+    activation : str
+        Hidden activation: relu, tanh, sigmoid or softplus.
+    decoder_hidden : sequence of int, optional
+        Decoder hidden widths (``()`` gives a linear decoder: with
+        ``likelihood="gaussian"`` that is the exact linear-Gaussian model).
+    gaussian_log_var : float
+        :math:`\log\sigma^2` of the fixed-variance Gaussian likelihood.
+    backend : {"numpy", "cupy", "auto"}, optional
+    dtype : {"float32", "float64"}
+    seed : int
+        Seeds both the initialisation and the model's own generator for
+        :math:`\epsilon` (no global random state is read).
+
+    Initialisation: He normal for ReLU hidden layers, Glorot uniform for
+    every other layer; zero biases.
+
+    Attributes
+    ----------
+    params, grads : 1-D arrays
+        All weights and biases in one flat buffer, and their gradients; every
+        layer's ``W, b, d_W, d_b`` is a view into these.
+    """
+
+    def __init__(
+        self,
+        input_dim,
+        hidden=(400,),
+        latent_dim=20,
+        likelihood="bernoulli",
+        activation="relu",
+        *,
+        decoder_hidden=None,
+        gaussian_log_var=0.0,
+        backend=None,
+        dtype="float32",
+        seed=0,
+    ):
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+        self._setup(input_dim, latent_dim, backend, dtype, seed)
+        self.hidden = _as_sizes(hidden)
+        self.decoder_hidden = (
+            tuple(reversed(self.hidden)) if decoder_hidden is None else _as_sizes(decoder_hidden, "decoder_hidden")
+        )
+        self.likelihood = likelihood
+        self.activation = activation
+        self.gaussian_log_var = float(gaussian_log_var)
+        if not np.isfinite(self.gaussian_log_var):
+            raise ValueError("gaussian_log_var must be finite")
+        J, D = self.latent_dim, self.input_dim
+        n_out = 2 * D if likelihood == "gaussian_learned" else D
+        self.encoder = MLP((D, *self.hidden, 2 * J), activation)  # outputs [mu, log_var]
+        self.decoder = MLP((J, *self.decoder_hidden, n_out), activation)
+        self._build(self.encoder, self.decoder)
+
+    def config(self) -> dict:
+        """The constructor arguments, JSON-serialisable (what a checkpoint stores)."""
+        return {
+            "model": "VAE",
+            "input_dim": self.input_dim,
+            "hidden": list(self.hidden),
+            "latent_dim": self.latent_dim,
+            "likelihood": self.likelihood,
+            "activation": self.activation,
+            "decoder_hidden": list(self.decoder_hidden),
+            "gaussian_log_var": self.gaussian_log_var,
+            "dtype": np.dtype(self.dtype).name,
+            "seed": self.seed,
+        }
+
+    # ---------------------------------------------------------------- forward pieces
+
+    def encode(self, x):
+        """Posterior parameters ``(mu, log_var)``, each ``(batch, latent_dim)``, of :math:`q(z|x)`."""
+        x = self.check_input(x)
+        return self._encode(x)
+
+    def _encode(self, x):
+        h = self.encoder.forward(x)
+        J = self.latent_dim
+        return h[:, :J], h[:, J:]
+
+    def _recon_nll(self, dec_out, x):
+        """:math:`-\\log p(x|z)` per example from the decoder output ``(batch, D or 2D)``."""
+        if self.likelihood == "bernoulli":
+            return L.bernoulli_nll(dec_out, x)
+        if self.likelihood == "gaussian":
+            return L.gaussian_nll(dec_out, x, self.gaussian_log_var)
+        D = self.input_dim
+        return L.gaussian_nll(dec_out[..., :D], x, dec_out[..., D:])
+
+    def _recon_nll_backward(self, dec_out, x, d_nll):
+        """``d_dec_out`` from the upstream gradient of :meth:`_recon_nll`."""
+        if self.likelihood == "bernoulli":
+            return L.bernoulli_nll_backward(dec_out, x, d_nll)
+        if self.likelihood == "gaussian":
+            d_mean, _ = L.gaussian_nll_backward(dec_out, x, self.gaussian_log_var, d_nll)
+            return d_mean
+        D = self.input_dim
+        d_mean, d_log_var = L.gaussian_nll_backward(dec_out[:, :D], x, dec_out[:, D:], d_nll)
+        return self.xp.concatenate([d_mean, d_log_var], axis=1)
+
+    def _mean_from_output(self, dec_out):
+        """The mean of :math:`p(x|z)`: ``sigmoid(logits)`` or the Gaussian mean."""
+        if self.likelihood == "bernoulli":
+            return sigmoid(dec_out)
+        return dec_out[:, : self.input_dim]
+
+    def decode(self, z):
+        """Mean of :math:`p(x|z)` (pixel probabilities for Bernoulli), ``(batch, input_dim)``."""
+        z = to_device(z, self.xp, dtype=self.dtype)
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must have shape (batch, {self.latent_dim}), got {tuple(z.shape)}")
+        return self._mean_from_output(self.decoder.forward(z))
+
+    def reconstruct(self, x):
+        """Decode the posterior mean: :math:`\\mathbb{E}[p(x|z=\\mu(x))]`, ``(batch, input_dim)``."""
+        mu, _ = self.encode(x)
+        return self._mean_from_output(self.decoder.forward(mu))
+
+    def sample(self, n: int, rng: Generator | None = None):
+        """``n`` samples from the generative model's mean: :math:`z\\sim N(0,I)`, return ``decode(z)``."""
+        if int(n) < 1:
+            raise ValueError(f"n must be positive, got {n}")
+        rng = rng or self.rng
+        return self.decode(rng.normal((int(n), self.latent_dim), self.dtype))
+
+    def log_px_given_z(self, z, x):
+        r""":math:`\log p(x|z)` for latent samples ``z (..., batch, J)`` and data ``x (batch, D)`` -> ``(..., batch)``."""
+        lead = z.shape[:-1]
+        dec_out = self.decoder.forward(z.reshape(-1, self.latent_dim))
+        dec_out = dec_out.reshape(*lead, dec_out.shape[-1])
+        return -self._recon_nll(dec_out, x)
+
+    def elbo(self, x, eps=None):
+        r"""Per-example ELBO, ``(batch,)``, with one reparameterized sample.
+
+        .. math:: \mathrm{ELBO}(x) = \log p(x|z) - \mathrm{KL}(q(z|x)\,\|\,N(0,I)),\quad z = \mu + \sigma\epsilon
+        """
+        x = self.check_input(x, bounded=self.likelihood == "bernoulli")
+        mu, log_var = self._encode(x)
+        if eps is None:
+            eps = self.rng.normal(mu.shape, self.dtype)
+        z, _ = L.reparameterize(mu, log_var, eps)
+        return -self._recon_nll(self.decoder.forward(z), x) - L.kl_normal_std(mu, log_var)
+
+    # ---------------------------------------------------------------- loss and gradient
+
+    def loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
+        r"""Negative ELBO per example and its gradient in ``self.grads``.
+
+        Parameters
+        ----------
+        x : array ``(batch, input_dim)``, float, finite (in ``[0, 1]`` for Bernoulli)
+        eps : array ``(batch, latent_dim)``, optional
+            Reparameterization noise; drawn from the model's generator when
+            omitted. Pass it to make the call deterministic.
+        beta : float
+            Weight of the KL term (1 gives the ELBO; see beta-VAE).
+
+        Returns
+        -------
+        Loss
+            ``loss`` :math:`= \frac1B\sum_b(\text{recon}_b + \beta\,\text{kl}_b)`,
+            ``recon`` :math:`= \frac1B\sum_b -\log p(x_b|z_b)`, ``kl`` the mean
+            KL, all 0-d arrays on the model's device. ``self.grads`` holds
+            :math:`\partial\,\text{loss}/\partial\,\text{params}` on return.
+        """
+        x = self.check_input(x, bounded=self.likelihood == "bernoulli")
+        if eps is not None:
+            eps = to_device(eps, self.xp, dtype=self.dtype)
+            if eps.shape != (x.shape[0], self.latent_dim):
+                raise ValueError(f"eps must have shape {(x.shape[0], self.latent_dim)}, got {tuple(eps.shape)}")
+        return self._loss_and_grad(x, eps, beta)
+
+    def _loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
+        """:meth:`loss_and_grad` without input checks (``x`` already on device, in dtype)."""
+        xp = self.xp
+        B, J = x.shape[0], self.latent_dim
+        self.grads[...] = 0
+        # forward
+        enc_out = self.encoder.forward(x)  # (B, 2J) = [mu, log_var]
+        mu, log_var = enc_out[:, :J], enc_out[:, J:]
+        if eps is None:
+            eps = self.rng.normal((B, J), self.dtype)
+        z, sigma = L.reparameterize(mu, log_var, eps)
+        dec_out = self.decoder.forward(z)
+        recon = self._recon_nll(dec_out, x)  # (B,)
+        kl = L.kl_normal_std(mu, log_var)  # (B,)
+        recon_mean, kl_mean = recon.mean(), kl.mean()
+        loss = recon_mean + beta * kl_mean
+        # backward (reverse order); d loss / d recon_b = 1/B, d loss / d kl_b = beta/B
+        d_dec_out = self._recon_nll_backward(dec_out, x, 1.0 / B)
+        d_z = self.decoder.backward(d_dec_out)
+        d_mu, d_log_var = L.reparameterize_backward(d_z, eps, sigma)
+        d_mu_kl, d_log_var_kl = L.kl_normal_std_backward(mu, log_var, beta / B)
+        d_enc_out = xp.empty_like(enc_out)
+        d_enc_out[:, :J] = d_mu + d_mu_kl  # mu feeds z and the KL: gradients add
+        d_enc_out[:, J:] = d_log_var + d_log_var_kl
+        self.encoder.backward(d_enc_out, need_input_grad=False)
+        return Loss(loss, recon_mean, kl_mean)
+
+
+class Autoencoder(_Model):
+    r"""Deterministic autoencoder with the squared-error loss.
+
+    .. math::
+        \hat x = d(e(x)), \qquad \text{loss} = \frac1B \sum_b \sum_d (x_{bd} - \hat x_{bd})^2,
+        \qquad \frac{\partial\,\text{loss}}{\partial \hat x} = \frac2B(\hat x - x)
+
+    Parameters
+    ----------
+    input_dim, hidden, latent_dim, activation, backend, dtype, seed
+        As for :class:`VAE`; the code ``e(x)`` has ``latent_dim`` units.
+    output : {"sigmoid", "identity"}
+        Output activation of the decoder (sigmoid keeps images in ``[0, 1]``).
+    """
+
+    def __init__(
+        self,
+        input_dim,
+        hidden=(400,),
+        latent_dim=20,
+        activation="relu",
+        *,
+        output="sigmoid",
+        backend=None,
+        dtype="float32",
+        seed=0,
+    ):
+        self._setup(input_dim, latent_dim, backend, dtype, seed)
+        self.hidden = _as_sizes(hidden)
+        self.activation = activation
+        self.output = output
+        self.encoder = MLP((self.input_dim, *self.hidden, self.latent_dim), activation)
+        self.decoder = MLP((self.latent_dim, *reversed(self.hidden), self.input_dim), activation)
+        self.out_act = make_activation(output)
+        self._build(self.encoder, self.decoder)
+
+    def config(self) -> dict:
+        return {
+            "model": "Autoencoder",
+            "input_dim": self.input_dim,
+            "hidden": list(self.hidden),
+            "latent_dim": self.latent_dim,
+            "activation": self.activation,
+            "output": self.output,
+            "dtype": np.dtype(self.dtype).name,
+            "seed": self.seed,
+        }
+
+    def encode(self, x):
+        """The code :math:`e(x)`, ``(batch, latent_dim)``."""
+        return self.encoder.forward(self.check_input(x))
+
+    def decode(self, code):
+        """The reconstruction :math:`d(c)`, ``(batch, input_dim)``."""
+        code = to_device(code, self.xp, dtype=self.dtype)
+        return self.out_act.forward(self.decoder.forward(code))
+
+    def reconstruct(self, x):
+        """:math:`\\hat x = d(e(x))`."""
+        return self.decode(self.encode(x))
+
+    def loss_and_grad(self, x) -> Loss:
+        """Mean squared-error loss per example and its gradient in ``self.grads`` (``kl`` is 0)."""
+        x = self.check_input(x)
+        return self._loss_and_grad(x)
+
+    def _loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
+        B = x.shape[0]
+        self.grads[...] = 0
+        code = self.encoder.forward(x)
+        x_hat = self.out_act.forward(self.decoder.forward(code))
+        diff = x_hat - x
+        loss = (diff * diff).sum() / B
+        d_x_hat = (2.0 / B) * diff
+        d_code = self.decoder.backward(self.out_act.backward(d_x_hat))
+        self.encoder.backward(d_code, need_input_grad=False)
+        return Loss(loss, loss, self.xp.zeros((), dtype=self.dtype))

@@ -1,0 +1,120 @@
+r"""Optimisers that update a model's flat parameter buffer in a few vectorised passes.
+
+Both take any object with ``params`` and ``grads`` (1-D arrays of equal
+length, as :class:`~scratchvae.model.VAE` exposes) and update ``params`` in
+place from ``grads``. Their state is plain arrays, returned by
+:meth:`state_dict` for checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .backend import get_array_module
+
+
+def _check_lr(lr):
+    lr = float(lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"learning rate must be a positive number, got {lr}")
+    return lr
+
+
+class SGD:
+    r"""Stochastic gradient descent with (heavy-ball) momentum and optional L2 weight decay.
+
+    .. math::
+        g_t = \nabla_\theta L + \lambda\theta_{t-1}, \qquad
+        v_t = \mu\, v_{t-1} + g_t, \qquad
+        \theta_t = \theta_{t-1} - \eta\, v_t
+    """
+
+    def __init__(self, model, lr=0.01, momentum=0.9, weight_decay=0.0):
+        self.params, self.grads = model.params, model.grads
+        self.lr = _check_lr(lr)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        self.t = 0
+        self.velocity = self.params * 0
+
+    def step(self):
+        g = self.grads
+        if self.weight_decay:
+            g = g + self.weight_decay * self.params
+        self.velocity *= self.momentum
+        self.velocity += g
+        self.params -= self.lr * self.velocity
+        self.t += 1
+
+    def state_dict(self):
+        return {"t": self.t, "velocity": self.velocity}
+
+    def load_state_dict(self, state):
+        self.t = int(state["t"])
+        self.velocity[...] = state["velocity"]
+
+
+class Adam:
+    r"""Adam (Kingma & Ba, 2015) with bias correction and optional L2 weight decay.
+
+    .. math::
+        g_t = \nabla_\theta L + \lambda\theta_{t-1}
+
+        m_t = \beta_1 m_{t-1} + (1-\beta_1)\,g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2)\,g_t^2
+
+        \theta_t = \theta_{t-1} - \eta\,\frac{\hat m_t}{\sqrt{\hat v_t} + \varepsilon},\qquad
+        \hat m_t = \frac{m_t}{1-\beta_1^t},\ \hat v_t = \frac{v_t}{1-\beta_2^t}
+
+    The update is computed as
+    :math:`\theta \mathrel{-}= \eta_t\, m_t / (\sqrt{v_t} + \hat\varepsilon_t)` with
+    :math:`\eta_t = \eta\sqrt{1-\beta_2^t}/(1-\beta_1^t)` and
+    :math:`\hat\varepsilon_t = \varepsilon\sqrt{1-\beta_2^t}`, which is the same
+    number in fewer passes over the buffer.
+    """
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params, self.grads = model.params, model.grads
+        self.lr = _check_lr(lr)
+        b1, b2 = (float(b) for b in betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.beta1, self.beta2, self.eps, self.weight_decay = b1, b2, float(eps), float(weight_decay)
+        self.t = 0
+        self.m = self.params * 0
+        self.v = self.params * 0
+        self._tmp = self.params * 0
+
+    def step(self):
+        g = self.grads
+        if self.weight_decay:
+            g = g + self.weight_decay * self.params
+        self.t += 1
+        b1, b2, t = self.beta1, self.beta2, self.t
+        self.m *= b1
+        self.m += (1.0 - b1) * g
+        self.v *= b2
+        self.v += (1.0 - b2) * (g * g)
+        bc2 = math.sqrt(1.0 - b2**t)
+        step_size = self.lr * bc2 / (1.0 - b1**t)
+        tmp = self._tmp
+        get_array_module(self.v).sqrt(self.v, out=tmp)  # sqrt(v) + eps_hat, in a reused buffer
+        tmp += self.eps * bc2
+        self.params -= step_size * (self.m / tmp)
+
+    def state_dict(self):
+        return {"t": self.t, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state):
+        self.t = int(state["t"])
+        self.m[...] = state["m"]
+        self.v[...] = state["v"]
+
+
+OPTIMIZERS = {"adam": Adam, "sgd": SGD}
