@@ -146,15 +146,18 @@ class Generator:
     seed : int
     xp : module
         ``numpy`` or ``cupy``.
+    stream : int
+        Independent streams from one seed (initialisation, noise, data order
+        and evaluation each use their own).
     """
 
-    def __init__(self, seed: int, xp=np):
+    def __init__(self, seed: int, xp=np, stream: int = 0):
         self.xp = xp
-        self.seed = int(seed)
+        self.seed, self.stream = int(seed), int(stream)
         if xp is np:
-            self._g = np.random.Generator(np.random.PCG64(self.seed))
+            self._g = np.random.Generator(np.random.PCG64([self.stream, self.seed]))
         else:
-            self._g = xp.random.RandomState(self.seed)
+            self._g = xp.random.RandomState(self.seed * 7919 + self.stream)
 
     def normal(self, shape, dtype=np.float64):
         """Standard normal draws ``eps ~ N(0, I)`` of the given shape and dtype."""
@@ -165,6 +168,10 @@ class Generator:
         if self.xp is np:
             return self._g.random(shape, dtype=dtype)
         return self._g.random_sample(shape, dtype=dtype)
+
+    def permutation(self, n: int):
+        """A random permutation of ``range(n)`` (int64)."""
+        return self._g.permutation(int(n))
 
     # State, for checkpoints: JSON-serialisable on the CPU.
     def get_state(self):

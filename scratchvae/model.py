@@ -28,6 +28,7 @@ from .layers import MLP, bind_flat, make_activation, sigmoid
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 DTYPES = {"float32": np.float32, "float64": np.float64}
+STREAM_INIT, STREAM_NOISE = 0, 1  # generator streams of a model's seed
 
 
 class Loss(NamedTuple):
@@ -67,12 +68,12 @@ class _Model:
         self.xp = get_xp(backend)
         self.dtype = _as_dtype(dtype)
         self.seed = int(seed)
-        self.rng = Generator(self.seed, self.xp)
+        self.rng = Generator(self.seed, self.xp, stream=STREAM_NOISE)
 
     def _build(self, *mlps):
         dense = [layer for mlp in mlps for layer in mlp.dense]
         self.params, self.grads = bind_flat(dense, self.xp, self.dtype)
-        init_rng = Generator(self.seed, self.xp)
+        init_rng = Generator(self.seed, self.xp, stream=STREAM_INIT)
         for layer in dense:
             layer.initialize(init_rng)
 
@@ -261,17 +262,33 @@ class VAE(_Model):
         dec_out = dec_out.reshape(*lead, dec_out.shape[-1])
         return -self._recon_nll(dec_out, x)
 
+    def loss_parts(self, x, eps=None):
+        r"""Per-example reconstruction term and KL, forward only.
+
+        Returns
+        -------
+        recon : array ``(batch,)``
+            :math:`-\log p(x|z)` at :math:`z = \mu + \sigma\epsilon` (one sample).
+        kl : array ``(batch,)``
+            :math:`\mathrm{KL}(q(z|x)\,\|\,N(0, I))`, analytic.
+        """
+        x = self.check_input(x, bounded=self.likelihood == "bernoulli")
+        return self._loss_parts(x, eps)
+
+    def _loss_parts(self, x, eps=None):
+        mu, log_var = self._encode(x)
+        if eps is None:
+            eps = self.rng.normal(mu.shape, self.dtype)
+        z, _ = L.reparameterize(mu, log_var, eps)
+        return self._recon_nll(self.decoder.forward(z), x), L.kl_normal_std(mu, log_var)
+
     def elbo(self, x, eps=None):
         r"""Per-example ELBO, ``(batch,)``, with one reparameterized sample.
 
         .. math:: \mathrm{ELBO}(x) = \log p(x|z) - \mathrm{KL}(q(z|x)\,\|\,N(0,I)),\quad z = \mu + \sigma\epsilon
         """
-        x = self.check_input(x, bounded=self.likelihood == "bernoulli")
-        mu, log_var = self._encode(x)
-        if eps is None:
-            eps = self.rng.normal(mu.shape, self.dtype)
-        z, _ = L.reparameterize(mu, log_var, eps)
-        return -self._recon_nll(self.decoder.forward(z), x) - L.kl_normal_std(mu, log_var)
+        recon, kl = self.loss_parts(x, eps)
+        return -recon - kl
 
     # ---------------------------------------------------------------- loss and gradient
 

@@ -1,0 +1,145 @@
+"""Checkpoints: one ``.npz`` file, no pickle, written atomically.
+
+A checkpoint holds the flat parameter buffer, the optimiser's arrays, any
+extra arrays the trainer needs (the current epoch's data order), and one JSON
+document (stored as a ``uint8`` array named ``meta.json``) with the model
+configuration, the training configuration, the epoch and step, the
+generators' states and the optimiser's scalars. Loading uses
+``numpy.load(allow_pickle=False)``, so a checkpoint can never execute code.
+
+Writes go to a temporary file in the same folder, are flushed and fsynced,
+and then renamed over the old file (``os.replace`` is atomic on POSIX): a
+crash during a write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import to_device, to_numpy
+
+FORMAT = "scratchvae-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt or does not fit (one sentence why)."""
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`load_checkpoint` returns: host arrays and the JSON metadata."""
+
+    params: np.ndarray
+    arrays: dict
+    meta: dict
+
+
+def save_checkpoint(path, params, meta: dict, arrays: dict | None = None) -> Path:
+    """Write a checkpoint atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+    params : array ``(n_params,)``
+        The model's flat parameter buffer (copied to the host).
+    meta : dict
+        JSON-serialisable metadata; must contain ``"model"`` (the model's
+        :meth:`config`).
+    arrays : dict of str -> array, optional
+        Extra arrays (optimiser state, data order); names must not start with ``meta``.
+    """
+    path = Path(path)
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    payload = {"params": to_numpy(params)}
+    for name, a in (arrays or {}).items():
+        payload[name] = to_numpy(a)
+    payload["meta.json"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises
+    ------
+    CheckpointError
+        Missing file, not a zip/npz (truncated or corrupt), missing entries,
+        unreadable metadata, or a parameter count that disagrees with the
+        stored model configuration.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {name: z[name] for name in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    for key in ("params", "meta.json"):
+        if key not in data:
+            raise CheckpointError(f"checkpoint {path} is incomplete: it has no {key!r} entry")
+    try:
+        meta = json.loads(data.pop("meta.json").tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a scratchvae checkpoint")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}, expected {VERSION}")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path} has no model configuration")
+    params = data.pop("params")
+    if params.ndim != 1 or params.dtype.kind != "f":
+        raise CheckpointError(f"checkpoint {path} has malformed parameters ({params.dtype}, shape {params.shape})")
+    return Checkpoint(params, data, meta)
+
+
+def build_model(config: dict, backend=None):
+    """Construct the model a configuration describes (as written by ``model.config()``)."""
+    from .model import VAE, Autoencoder
+
+    cfg = dict(config)
+    kind = cfg.pop("model", None)
+    try:
+        if kind == "VAE":
+            return VAE(backend=backend, **cfg)
+        if kind == "Autoencoder":
+            return Autoencoder(backend=backend, **cfg)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint model configuration is not understood ({exc})") from None
+    raise CheckpointError(f"checkpoint names an unknown model kind {kind!r}")
+
+
+def restore_model(ckpt: Checkpoint, backend=None):
+    """A model built from ``ckpt.meta["model"]`` with the checkpoint's parameters loaded."""
+    model = build_model(ckpt.meta["model"], backend=backend)
+    if ckpt.params.shape != model.params.shape:
+        raise CheckpointError(
+            f"checkpoint has {ckpt.params.size} parameters but its configuration needs {model.params.size}"
+        )
+    if not np.isfinite(ckpt.params).all():
+        raise CheckpointError("checkpoint parameters contain NaN or inf")
+    model.params[...] = to_device(ckpt.params, model.xp, dtype=model.dtype)
+    return model

@@ -1,0 +1,265 @@
+"""Command line: ``scratchvae train | evaluate | sample`` (also ``python -m scratchvae``).
+
+Errors in the input (flags, data files, checkpoints) print one line,
+``scratchvae: error: ...``, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class UsageError(Exception):
+    """A bad flag value; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2 (argparse would print the usage too)
+        raise UsageError(message)
+
+
+# ------------------------------------------------------------------ flag value types
+
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def nonnegative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def layer_sizes(text):
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 400 or 200,200, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 400 or 200,200, got {text!r}")
+    return sizes
+
+
+# ------------------------------------------------------------------ the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .backend import BACKENDS
+    from .data import BINARIZE
+    from .layers import ACTIVATIONS
+    from .model import LIKELIHOODS
+    from .optim import OPTIMIZERS
+
+    p = _Parser(
+        prog="scratchvae",
+        description="A variational autoencoder from scratch on NumPy/CuPy: train on MNIST, evaluate, sample.",
+    )
+    p.add_argument("--version", action="version", version=f"scratchvae {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser(
+        "train",
+        help="train a VAE on MNIST",
+        description="Train a VAE on MNIST. The defaults reproduce the PyTorch VAE example: "
+        "784-400-20, ReLU, Bernoulli likelihood on grey levels, Adam 1e-3, batch 128, 10 epochs. "
+        "The run folder gets metrics.jsonl, checkpoint.npz, samples.png, reconstructions.png, loss.png "
+        "(and manifold.png, latent.png for a 2-d latent space).",
+    )
+    t.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX files (.gz or raw); "
+                   "default: $SCRATCHVAE_DATA, ./data/mnist, the package checkout's data/mnist, then the user cache "
+                   "(downloaded there when missing)")  # fmt: skip
+    t.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set (default 10)")
+    t.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default 128)")
+    t.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
+                   help="adam (bias-corrected) or sgd (momentum 0.9) (default adam)")  # fmt: skip
+    t.add_argument("--hidden", type=layer_sizes, default=(400,),
+                   help="hidden layer widths of the encoder, mirrored in the decoder, e.g. 400 or 200,200 (default 400)")  # fmt: skip
+    t.add_argument("--latent", type=positive_int, default=20, help="latent dimension J (default 20; 2 adds manifold.png and latent.png)")
+    t.add_argument("--activation", choices=[a for a in ACTIVATIONS if a != "identity"], default="relu",
+                   help="hidden activation (default relu)")  # fmt: skip
+    t.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
+                   help="p(x|z): bernoulli from logits, gaussian with unit variance, or gaussian_learned "
+                        "with a per-pixel log-variance (default bernoulli)")  # fmt: skip
+    t.add_argument("--binarize", choices=BINARIZE, default="none",
+                   help="none: grey levels as targets; dynamic: a fresh Bernoulli sample of each image every time "
+                        "it is used (standard for reported likelihoods); static: thresholded once (default none)")  # fmt: skip
+    t.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="numpy (CPU), cupy (NVIDIA GPU) or auto; default: $SCRATCHVAE_BACKEND or numpy")  # fmt: skip
+    t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="floating-point type (default float32)")
+    t.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random stream of the run (default 0)")
+    t.add_argument("--out", default="runs/mnist", help="run folder for metrics, checkpoint and pictures (default runs/mnist)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (give the same flags as the first run)")  # fmt: skip
+    t.add_argument("--train-size", type=positive_int, default=None, help="use only the first N training images")
+    t.add_argument("--test-size", type=positive_int, default=None, help="use only the first N test images")
+    t.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
+                   help="also checkpoint every N steps inside an epoch (default 0: at epoch ends only)")  # fmt: skip
+    t.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="progress line on stderr: auto shows it on a terminal (tqdm if installed) (default auto)")  # fmt: skip
+
+    e = sub.add_parser("evaluate", help="test ELBO and importance-weighted NLL of a checkpoint",
+                       description="Evaluate a checkpoint on the MNIST test set: the ELBO and the importance-weighted "
+                                   "bound log 1/K sum_k p(x,z_k)/q(z_k|x), reported as NLL in nats.")  # fmt: skip
+    e.add_argument("checkpoint", help="a checkpoint.npz written by train")
+    e.add_argument("--iwae-k", type=positive_int, default=5000, help="importance samples K (default 5000)")
+    e.add_argument("--n-test", type=positive_int, default=None, help="evaluate the first N test images (default all)")
+    e.add_argument("--data-dir", default=None, help="folder with the MNIST files (as for train)")
+    e.add_argument("--backend", choices=BACKENDS, default=None, help="numpy, cupy or auto (as for train)")
+    e.add_argument("--batch-size", type=positive_int, default=100, help="test images per IWAE batch (default 100)")
+    e.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the evaluation noise (default 0)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    e.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress line on stderr")
+
+    s = sub.add_parser("sample", help="decode samples z ~ N(0, I) from a checkpoint into a PNG grid",
+                       description="Draw z ~ N(0, I), decode, and write the means as a PNG grid.")  # fmt: skip
+    s.add_argument("checkpoint", help="a checkpoint.npz written by train")
+    s.add_argument("--n", type=positive_int, default=100, help="number of samples (default 100)")
+    s.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
+    s.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the prior samples (default 0)")
+    s.add_argument("--backend", choices=BACKENDS, default=None, help="numpy, cupy or auto")
+    return p
+
+
+def _progress_flag(value):
+    return {"auto": None, "on": True, "off": False}[value]
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, hidden=tuple(args.hidden), latent=args.latent, activation=args.activation,
+        likelihood=args.likelihood, binarize=args.binarize, backend=args.backend, dtype=args.dtype,
+        seed=args.seed, out=args.out, resume=args.resume, train_size=args.train_size,
+        test_size=args.test_size, checkpoint_every=args.checkpoint_every, progress=_progress_flag(args.progress),
+    )  # fmt: skip
+    history = train(cfg)
+    out = Path(cfg.out)
+    pics = [p.name for p in sorted(out.glob("*.png"))]
+    last = history[-1] if history else None
+    if last:
+        print(f"final test loss {last['test_loss']:.3f} nats (negative ELBO per example)")
+    print(f"pictures in {out}/: {', '.join(pics)}; metrics in {out / 'metrics.jsonl'}")
+    print(f"evaluate with: scratchvae evaluate {out / 'checkpoint.npz'} --iwae-k 1000 --n-test 2000")
+    return 0
+
+
+def _load(path, backend):
+    from .checkpoint import load_checkpoint, restore_model
+
+    ckpt = load_checkpoint(path)
+    return ckpt, restore_model(ckpt, backend=backend)
+
+
+def cmd_evaluate(args) -> int:
+    import time
+
+    from . import data as D
+    from .train import Progress, evaluate_elbo, evaluate_nll
+
+    ckpt, model = _load(args.checkpoint, args.backend)
+    train_cfg = ckpt.meta.get("train", {})
+    binarize = train_cfg.get("binarize", "none")
+    mnist = D.load_mnist(args.data_dir if args.data_dir is not None else train_cfg.get("data_dir"))
+    test_x = mnist.test_images[: args.n_test]
+    if binarize == "static":
+        test_x = D.static_binarize(test_x)
+    t0 = time.perf_counter()
+    elbo = evaluate_elbo(model, test_x, binarize, args.seed)
+    show = _progress_flag(args.progress)
+    bar = Progress(len(test_x), f"IWAE K={args.iwae_k}", sys.stderr.isatty() if show is None else show)
+    try:
+        nll, se = evaluate_nll(model, test_x, binarize, args.seed, k=args.iwae_k, batch_size=args.batch_size,
+                               progress=lambda done, total: bar.update(done))  # fmt: skip
+    finally:
+        bar.close()
+    result = {
+        "checkpoint": str(args.checkpoint), "n_test": len(test_x), "binarize": binarize,
+        "test_loss": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"],
+        "iwae_k": args.iwae_k, "nll": nll, "nll_stderr": se, "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"test negative ELBO {elbo['loss']:.3f} nats (recon {elbo['recon']:.3f} + kl {elbo['kl']:.3f}) "
+              f"on {len(test_x)} images, binarize={binarize}")  # fmt: skip
+        print(f"test NLL (IWAE, K={args.iwae_k}) {nll:.3f} +- {se:.3f} nats")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from . import images
+    from .backend import Generator
+
+    _, model = _load(args.checkpoint, args.backend)
+    x = model.sample(args.n, rng=Generator(args.seed, model.xp, stream=7))
+    images.save_grid(args.out, x, ncols=min(args.n, 10))
+    print(f"wrote {args.n} samples to {args.out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 diverged, 2 bad input, 130 interrupted)."""
+    from .backend import BackendError
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import TrainingDiverged
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"scratchvae: error: {exc} (see scratchvae --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, CheckpointError, BackendError, ValueError, OSError) as exc:
+        print(f"scratchvae: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as exc:
+        print(f"scratchvae: error: training diverged: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt as exc:
+        msg = str(exc) or "interrupted"
+        print(f"scratchvae: {msg}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

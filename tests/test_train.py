@@ -1,0 +1,161 @@
+"""The trainer, checkpoints and evaluation on a small slice of real MNIST."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scratchvae.checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
+from scratchvae.model import VAE
+from scratchvae.train import CHECKPOINT, METRICS, Run, TrainConfig, evaluate_elbo, train
+
+
+def small_config(tmp_path, **kw):
+    base = dict(epochs=2, batch_size=64, train_size=512, test_size=128, hidden=(32,), latent=4,
+                out=str(tmp_path / "run"), progress=False)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(*_):
+    pass
+
+
+def test_short_run_writes_metrics_checkpoint_and_pictures(tmp_path):
+    cfg = small_config(tmp_path, epochs=3)
+    history = train(cfg, log=quiet)
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for key in ("epoch", "train_loss", "test_loss", "recon", "kl", "seconds", "examples_per_s"):
+        assert all(key in r for r in rows), key
+    assert rows == history
+    # the loss falls over three epochs on real digits, and the parts add up
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 20
+    for r in rows:
+        assert r["test_loss"] == pytest.approx(r["recon"] + r["kl"], rel=1e-9)
+        assert r["kl"] > 0
+    for name in ("checkpoint.npz", "samples.png", "reconstructions.png", "loss.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not (out / "manifold.png").exists()  # only for a 2-d latent space
+
+
+def test_two_dimensional_latent_adds_manifold_and_latent_pictures(tmp_path):
+    train(small_config(tmp_path, epochs=1, latent=2), log=quiet)
+    out = tmp_path / "run"
+    assert (out / "manifold.png").stat().st_size > 0
+    assert (out / "latent.png").stat().st_size > 0
+
+
+def test_checkpoint_restores_a_model_that_evaluates_identically(tmp_path):
+    cfg = small_config(tmp_path, epochs=1)
+    run = Run(cfg, log=quiet)
+    run.run()
+    ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    model = restore_model(ckpt)
+    np.testing.assert_array_equal(model.params, run.model.params)
+    a = evaluate_elbo(run.model, run.test_x, "none", seed=3)
+    b = evaluate_elbo(model, run.test_x, "none", seed=3)
+    assert a == b
+    assert ckpt.meta["epoch"] == 2 and ckpt.meta["step"] == 0
+    assert ckpt.meta["train"]["hidden"] == [32]
+    assert ckpt.meta["model"]["latent_dim"] == 4
+    for key in ("opt_m", "opt_v"):
+        assert ckpt.arrays[key].shape == model.params.shape
+
+
+def test_resume_continues_to_identical_parameters(tmp_path):
+    straight = Run(small_config(tmp_path, epochs=3, out=str(tmp_path / "a")), log=quiet)
+    straight.run()
+    first = Run(small_config(tmp_path, epochs=1, out=str(tmp_path / "b")), log=quiet)
+    first.run()
+    second = Run(small_config(tmp_path, epochs=3, out=str(tmp_path / "b"), resume=True), log=quiet)
+    second.run()
+    np.testing.assert_array_equal(second.model.params, straight.model.params)
+    assert [r["train_loss"] for r in second.history] == [r["train_loss"] for r in straight.history]
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
+    """Stop inside an epoch (as SIGINT does) and resume: the same parameters as an uninterrupted run."""
+    straight = Run(small_config(tmp_path, epochs=2, binarize="dynamic", out=str(tmp_path / "a")), log=quiet)
+    straight.run()
+    cfg = small_config(tmp_path, epochs=2, binarize="dynamic", out=str(tmp_path / "b"))
+    run = Run(cfg, log=quiet)
+    run.cfg.out = cfg.out
+    run.out.mkdir(parents=True)
+    calls = []
+
+    def stop_after_three():
+        calls.append(1)
+        return len(calls) == 3
+
+    from scratchvae import train as T
+
+    with pytest.raises(T._Interrupted):
+        run.train_epoch(stop_after_three)
+    ckpt = load_checkpoint(run.out / CHECKPOINT)
+    assert (ckpt.meta["epoch"], ckpt.meta["step"]) == (1, 3)
+    assert ckpt.arrays["perm"].shape == (512,)
+    resumed = Run(small_config(tmp_path, epochs=2, binarize="dynamic", out=cfg.out, resume=True), log=quiet)
+    resumed.run()
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+
+
+def test_resume_with_a_different_configuration_is_refused(tmp_path):
+    train(small_config(tmp_path, epochs=1), log=quiet)
+    with pytest.raises(CheckpointError, match="hidden"):
+        Run(small_config(tmp_path, epochs=2, hidden=(16,), resume=True), log=quiet).run()
+
+
+def test_corrupt_and_truncated_checkpoints_give_one_clear_error(tmp_path):
+    model = VAE(6, hidden=(3,), latent_dim=2, dtype="float64")
+    path = save_checkpoint(tmp_path / "c.npz", model.params, {"model": model.config()})
+    data = path.read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "trunc.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "junk.npz")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.npz")
+    other = VAE(6, hidden=(5,), latent_dim=2, dtype="float64")
+    bad = save_checkpoint(tmp_path / "bad.npz", other.params, {"model": model.config()})
+    with pytest.raises(CheckpointError, match="parameters"):
+        restore_model(load_checkpoint(bad))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous checkpoint intact and no temporary file behind."""
+    model = VAE(6, hidden=(3,), latent_dim=2, dtype="float64")
+    path = save_checkpoint(tmp_path / "c.npz", model.params, {"model": model.config(), "tag": "old"})
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model.params * 2, {"model": model.config(), "tag": "new"})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
+    assert load_checkpoint(path).meta["tag"] == "old"
+
+
+def test_divergence_stops_with_epoch_and_step(tmp_path):
+    from scratchvae.train import TrainingDiverged
+
+    cfg = small_config(tmp_path, epochs=2, lr=1e6, likelihood="gaussian_learned")
+    with pytest.raises(TrainingDiverged, match=r"epoch \d+, step \d+"):
+        train(cfg, log=quiet)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("lr", float("nan")), ("binarize", "sometimes"),
+     ("optimizer", "rmsprop"), ("train_size", 0), ("seed", -1)],
+)  # fmt: skip
+def test_impossible_configuration_values_are_refused(tmp_path, field, value):
+    cfg = small_config(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=field):
+        cfg.validate()
