@@ -195,7 +195,10 @@ def cmd_evaluate(args) -> int:
     ckpt, model = _load(args.checkpoint, args.backend)
     train_cfg = ckpt.meta.get("train", {})
     binarize = train_cfg.get("binarize", "none")
-    mnist = D.load_mnist(args.data_dir if args.data_dir is not None else train_cfg.get("data_dir"))
+    data_dir = args.data_dir
+    if data_dir is None and train_cfg.get("data_dir") and Path(train_cfg["data_dir"]).is_dir():
+        data_dir = train_cfg["data_dir"]  # where the run found its data, if that is here too
+    mnist = D.load_mnist(data_dir)
     test_x = mnist.test_images[: args.n_test]
     if binarize == "static":
         test_x = D.static_binarize(test_x)
