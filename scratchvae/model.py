@@ -173,6 +173,7 @@ class VAE(_Model):
             tuple(reversed(self.hidden)) if decoder_hidden is None else _as_sizes(decoder_hidden, "decoder_hidden")
         )
         self.likelihood = likelihood
+        make_activation(activation)  # an unknown name fails here even if no hidden layer uses it
         self.activation = activation
         self.gaussian_log_var = float(gaussian_log_var)
         if not np.isfinite(self.gaussian_log_var):
@@ -273,7 +274,7 @@ class VAE(_Model):
             :math:`\mathrm{KL}(q(z|x)\,\|\,N(0, I))`, analytic.
         """
         x = self.check_input(x, bounded=self.likelihood == "bernoulli")
-        return self._loss_parts(x, eps)
+        return self._loss_parts(x, self._check_eps(eps, x.shape[0]))
 
     def _loss_parts(self, x, eps=None):
         mu, log_var = self._encode(x)
@@ -313,11 +314,16 @@ class VAE(_Model):
             :math:`\partial\,\text{loss}/\partial\,\text{params}` on return.
         """
         x = self.check_input(x, bounded=self.likelihood == "bernoulli")
-        if eps is not None:
-            eps = to_device(eps, self.xp, dtype=self.dtype)
-            if eps.shape != (x.shape[0], self.latent_dim):
-                raise ValueError(f"eps must have shape {(x.shape[0], self.latent_dim)}, got {tuple(eps.shape)}")
-        return self._loss_and_grad(x, eps, beta)
+        return self._loss_and_grad(x, self._check_eps(eps, x.shape[0]), beta)
+
+    def _check_eps(self, eps, batch):
+        """``eps`` (or ``None``) on the model's device and in its dtype, checked to be ``(batch, latent_dim)``."""
+        if eps is None:
+            return None
+        eps = to_device(eps, self.xp, dtype=self.dtype)
+        if eps.shape != (batch, self.latent_dim):
+            raise ValueError(f"eps must have shape {(batch, self.latent_dim)}, got {tuple(eps.shape)}")
+        return eps
 
     def _loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
         """:meth:`loss_and_grad` without input checks (``x`` already on device, in dtype)."""
@@ -376,6 +382,7 @@ class Autoencoder(_Model):
     ):
         self._setup(input_dim, latent_dim, backend, dtype, seed)
         self.hidden = _as_sizes(hidden)
+        make_activation(activation)  # an unknown name fails here even if no hidden layer uses it
         self.activation = activation
         self.output = output
         self.encoder = MLP((self.input_dim, *self.hidden, self.latent_dim), activation)

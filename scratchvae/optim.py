@@ -14,10 +14,13 @@ from .backend import get_array_module
 
 
 def _check_lr(lr):
-    lr = float(lr)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"learning rate must be a positive number, got {lr}")
-    return lr
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):  # None, "fast", ...
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"learning rate must be a positive number, got {lr!r}")
+    return value
 
 
 class SGD:
