@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--latent", type=positive_int, default=20, help="latent dimension J (default 20; 2 adds manifold.png and latent.png)")
     t.add_argument("--activation", choices=[a for a in ACTIVATIONS if a != "identity"], default="relu",
                    help="hidden activation (default relu)")  # fmt: skip
+    t.add_argument("--init", choices=["fan_in_uniform", "he", "glorot"], default="fan_in_uniform",
+                   help="parameter initialisation: fan_in_uniform is U(+-1/sqrt(n_in)), the torch.nn.Linear default "
+                        "of the PyTorch example; he: He normal for ReLU hidden layers, Glorot for the rest; "
+                        "glorot: Glorot uniform everywhere (default fan_in_uniform)")  # fmt: skip
     t.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
                    help="p(x|z): bernoulli from logits, gaussian with unit variance, or gaussian_learned "
                         "with a per-pixel log-variance (default bernoulli)")  # fmt: skip
@@ -164,6 +168,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(
         data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, hidden=tuple(args.hidden), latent=args.latent, activation=args.activation,
+        init=args.init,
         likelihood=args.likelihood, binarize=args.binarize, backend=args.backend, dtype=args.dtype,
         seed=args.seed, out=args.out, resume=args.resume, train_size=args.train_size,
         test_size=args.test_size, checkpoint_every=args.checkpoint_every, progress=_progress_flag(args.progress),

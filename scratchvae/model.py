@@ -135,14 +135,18 @@ class VAE(_Model):
         ``likelihood="gaussian"`` that is the exact linear-Gaussian model).
     gaussian_log_var : float
         :math:`\log\sigma^2` of the fixed-variance Gaussian likelihood.
+    init : {"auto", "he", "glorot", "fan_in_uniform"}
+        Parameter initialisation (see :class:`~scratchvae.layers.MLP`).
     backend : {"numpy", "cupy", "auto"}, optional
     dtype : {"float32", "float64"}
     seed : int
         Seeds both the initialisation and the model's own generator for
         :math:`\epsilon` (no global random state is read).
 
-    Initialisation: He normal for ReLU hidden layers, Glorot uniform for
-    every other layer; zero biases.
+    Initialisation (``init="auto"``): He normal for ReLU hidden layers,
+    Glorot uniform for every other layer, zero biases. The command line's
+    ``train`` uses ``fan_in_uniform``, the ``torch.nn.Linear`` default, to
+    reproduce the PyTorch VAE example.
 
     Attributes
     ----------
@@ -161,6 +165,7 @@ class VAE(_Model):
         *,
         decoder_hidden=None,
         gaussian_log_var=0.0,
+        init="auto",
         backend=None,
         dtype="float32",
         seed=0,
@@ -180,8 +185,9 @@ class VAE(_Model):
             raise ValueError("gaussian_log_var must be finite")
         J, D = self.latent_dim, self.input_dim
         n_out = 2 * D if likelihood == "gaussian_learned" else D
-        self.encoder = MLP((D, *self.hidden, 2 * J), activation)  # outputs [mu, log_var]
-        self.decoder = MLP((J, *self.decoder_hidden, n_out), activation)
+        self.init = init
+        self.encoder = MLP((D, *self.hidden, 2 * J), activation, init)  # outputs [mu, log_var]
+        self.decoder = MLP((J, *self.decoder_hidden, n_out), activation, init)
         self._build(self.encoder, self.decoder)
 
     def config(self) -> dict:
@@ -195,6 +201,7 @@ class VAE(_Model):
             "activation": self.activation,
             "decoder_hidden": list(self.decoder_hidden),
             "gaussian_log_var": self.gaussian_log_var,
+            "init": self.init,
             "dtype": np.dtype(self.dtype).name,
             "seed": self.seed,
         }
@@ -376,6 +383,7 @@ class Autoencoder(_Model):
         activation="relu",
         *,
         output="sigmoid",
+        init="auto",
         backend=None,
         dtype="float32",
         seed=0,
@@ -385,8 +393,9 @@ class Autoencoder(_Model):
         make_activation(activation)  # an unknown name fails here even if no hidden layer uses it
         self.activation = activation
         self.output = output
-        self.encoder = MLP((self.input_dim, *self.hidden, self.latent_dim), activation)
-        self.decoder = MLP((self.latent_dim, *reversed(self.hidden), self.input_dim), activation)
+        self.init = init
+        self.encoder = MLP((self.input_dim, *self.hidden, self.latent_dim), activation, init)
+        self.decoder = MLP((self.latent_dim, *reversed(self.hidden), self.input_dim), activation, init)
         self.out_act = make_activation(output)
         self._build(self.encoder, self.decoder)
 
@@ -398,6 +407,7 @@ class Autoencoder(_Model):
             "latent_dim": self.latent_dim,
             "activation": self.activation,
             "output": self.output,
+            "init": self.init,
             "dtype": np.dtype(self.dtype).name,
             "seed": self.seed,
         }

@@ -54,6 +54,7 @@ class TrainConfig:
     hidden: tuple = (400,)
     latent: int = 20
     activation: str = "relu"
+    init: str = "fan_in_uniform"  # the torch.nn.Linear default, as in the PyTorch VAE example
     likelihood: str = "bernoulli"
     binarize: str = "none"
     backend: str | None = None
@@ -68,7 +69,7 @@ class TrainConfig:
 
     # Fields that must agree between a run and its resumption.
     RESUME_KEYS = (
-        "batch_size", "lr", "optimizer", "hidden", "latent", "activation", "likelihood",
+        "batch_size", "lr", "optimizer", "hidden", "latent", "activation", "init", "likelihood",
         "binarize", "dtype", "seed", "train_size", "test_size",
     )  # fmt: skip
 
@@ -241,7 +242,7 @@ class Run:
         self.train_x, self.train_y, self.test_x, self.test_y = prepare_mnist(cfg)
         self.model = VAE(
             self.train_x.shape[1], hidden=cfg.hidden, latent_dim=cfg.latent, likelihood=cfg.likelihood,
-            activation=cfg.activation, backend=backend_name(self.xp), dtype=cfg.dtype, seed=cfg.seed,
+            activation=cfg.activation, init=cfg.init, backend=backend_name(self.xp), dtype=cfg.dtype, seed=cfg.seed,
         )  # fmt: skip
         self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr)
         self.data_rng = Generator(cfg.seed, np, stream=STREAM_DATA)

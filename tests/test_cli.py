@@ -156,3 +156,12 @@ def test_resume_with_an_incompatible_configuration_is_one_line(trained, tmp_path
     small = [a if a != "32" else "16" for a in SMALL]  # --hidden 16 instead of 32
     proc = cli("train", "--epochs", "3", *small, "--out", run, "--resume")
     assert_one_line_error(proc, "hidden")
+
+
+def test_init_flag_is_recorded_in_the_checkpoint(tmp_path):
+    from scratchvae.checkpoint import load_checkpoint
+
+    proc = cli("train", "--epochs", "1", *SMALL, "--init", "glorot", "--out", tmp_path / "r")
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.npz").meta["model"]["init"] == "glorot"
+    assert_one_line_error(cli("train", "--init", "zeros"), "--init")

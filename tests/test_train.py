@@ -159,3 +159,18 @@ def test_impossible_configuration_values_are_refused(tmp_path, field, value):
     cfg = small_config(tmp_path, **{field: value})
     with pytest.raises(ValueError, match=field):
         cfg.validate()
+
+
+@pytest.mark.parametrize("init", ["fan_in_uniform", "he", "glorot"])
+def test_init_choice_reaches_the_model_and_its_checkpoint(tmp_path, init):
+    run = Run(small_config(tmp_path, epochs=1, init=init), log=quiet)
+    assert run.model.config()["init"] == init
+    first = run.model.encoder.dense[0]
+    bound = {"fan_in_uniform": 1 / np.sqrt(784), "glorot": np.sqrt(6 / (784 + 32))}.get(init)
+    if bound is None:  # he: normal with std sqrt(2 / n_in)
+        assert np.std(first.W) == pytest.approx(np.sqrt(2 / 784), rel=0.05)
+    else:
+        assert np.abs(first.W).max() <= bound and np.abs(first.W).max() > 0.95 * bound
+    assert (np.abs(first.b).max() > 0) == (init == "fan_in_uniform")
+    run.run()
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT).meta["model"]["init"] == init
