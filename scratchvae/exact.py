@@ -513,4 +513,6 @@ class LinearGaussianVAE(VAE):
         enc.W[:, :J] = gain
         enc.b[:J] = -(b @ gain)
         enc.W[:, J:] = 0
-        enc.b[J:] = -xp.log(xp.diagonal(precision))
+        log_var = -xp.log(xp.diagonal(precision))
+        c = self.log_var_bound  # the encoder's output h gives log_var = c tanh(h / c): invert it
+        enc.b[J:] = log_var if c is None else c * xp.arctanh(log_var / c)

@@ -44,6 +44,9 @@ def softplus(x):
     value as ``logaddexp(0, x)`` and several times faster in float32.
     """
     xp = get_array_module(x)
+    x = xp.asarray(x)
+    if x.ndim == 0 or x.dtype.kind != "f":  # scalars and integers: the plain form
+        return xp.logaddexp(0.0, x)
     y = xp.abs(x)
     xp.negative(y, out=y)
     xp.exp(y, out=y)  # e^{-|x|} in (0, 1]
@@ -58,14 +61,20 @@ def softplus(x):
 
 
 class Activation:
-    """Base class of elementwise activations; ``x`` and ``y`` have any shape."""
+    """Base class of elementwise activations; ``x`` and ``y`` have any shape.
+
+    ``forward(x, inplace=True)`` may overwrite ``x`` with ``y`` and
+    ``backward(d_y, inplace=True)`` may overwrite ``d_y`` with ``d_x``; the
+    training step uses this on its own work buffers to avoid allocating
+    new arrays every step. The default leaves the arguments untouched.
+    """
 
     name = "activation"
 
-    def forward(self, x):
+    def forward(self, x, inplace=False):
         raise NotImplementedError
 
-    def backward(self, d_y):
+    def backward(self, d_y, inplace=False):
         raise NotImplementedError
 
     def __repr__(self):
@@ -77,10 +86,10 @@ class Identity(Activation):
 
     name = "identity"
 
-    def forward(self, x):
+    def forward(self, x, inplace=False):
         return x
 
-    def backward(self, d_y):
+    def backward(self, d_y, inplace=False):
         return d_y
 
 
@@ -96,13 +105,14 @@ class ReLU(Activation):
 
     name = "relu"
 
-    def forward(self, x):
+    def forward(self, x, inplace=False):
         xp = get_array_module(x)
-        self.y = xp.maximum(x, 0)
+        self.y = xp.maximum(x, 0, out=x if inplace else None)
         return self.y
 
-    def backward(self, d_y):
-        return d_y * (self.y > 0)
+    def backward(self, d_y, inplace=False):
+        xp = get_array_module(d_y)
+        return xp.multiply(d_y, self.y > 0, out=d_y if inplace else None)
 
 
 class Tanh(Activation):
@@ -116,13 +126,14 @@ class Tanh(Activation):
 
     name = "tanh"
 
-    def forward(self, x):
+    def forward(self, x, inplace=False):
         xp = get_array_module(x)
-        self.y = xp.tanh(x)
+        self.y = xp.tanh(x, out=x if inplace else None)
         return self.y
 
-    def backward(self, d_y):
-        return d_y * (1.0 - self.y * self.y)
+    def backward(self, d_y, inplace=False):
+        xp = get_array_module(d_y)
+        return xp.multiply(d_y, 1.0 - self.y * self.y, out=d_y if inplace else None)
 
 
 class Sigmoid(Activation):
@@ -136,12 +147,13 @@ class Sigmoid(Activation):
 
     name = "sigmoid"
 
-    def forward(self, x):
+    def forward(self, x, inplace=False):
         self.y = sigmoid(x)
         return self.y
 
-    def backward(self, d_y):
-        return d_y * self.y * (1.0 - self.y)
+    def backward(self, d_y, inplace=False):
+        xp = get_array_module(d_y)
+        return xp.multiply(d_y, self.y * (1.0 - self.y), out=d_y if inplace else None)
 
 
 class Softplus(Activation):
@@ -155,12 +167,13 @@ class Softplus(Activation):
 
     name = "softplus"
 
-    def forward(self, x):
+    def forward(self, x, inplace=False):
         self.x = x
         return softplus(x)
 
-    def backward(self, d_y):
-        return d_y * sigmoid(self.x)
+    def backward(self, d_y, inplace=False):
+        xp = get_array_module(d_y)
+        return xp.multiply(d_y, sigmoid(self.x), out=d_y if inplace else None)
 
 
 ACTIVATIONS = {cls.name: cls for cls in (Identity, ReLU, Tanh, Sigmoid, Softplus)}
@@ -239,15 +252,31 @@ class Dense:
             self.W[...] = (2.0 * rng.uniform(self.W.shape, dtype) - 1.0) * a
             self.b[...] = (2.0 * rng.uniform(self.b.shape, dtype) - 1.0) * a
 
-    def forward(self, x):
+    def forward(self, x, out=None):
+        """``y = x W + b``; ``out`` is an optional ``(batch, n_out)`` buffer to write ``y`` into."""
+        xp = get_array_module(x)
         self.x = x
-        return x @ self.W + self.b
+        y = xp.matmul(x, self.W, out=out)
+        y += self.b
+        return y
 
-    def backward(self, d_y, need_input_grad: bool = True):
-        """Accumulate ``d_W``, ``d_b``; return ``d_x`` (``None`` if not ``need_input_grad``)."""
-        self.d_W += self.x.T @ d_y
-        self.d_b += d_y.sum(axis=0)
-        return d_y @ self.W.T if need_input_grad else None
+    def backward(self, d_y, need_input_grad: bool = True, accumulate: bool = True, out=None):
+        """Add ``x^T d_y`` to ``d_W`` and ``sum(d_y)`` to ``d_b``; return ``d_x = d_y W^T``.
+
+        ``accumulate=False`` overwrites ``d_W, d_b`` instead of adding to them
+        (for a step that uses each layer once and so need not zero the
+        gradients first). ``need_input_grad=False`` skips ``d_x`` (returns
+        ``None``): the first layer's input is data. ``out`` is an optional
+        ``(batch, n_in)`` buffer for ``d_x``.
+        """
+        xp = get_array_module(d_y)
+        if accumulate:
+            self.d_W += self.x.T @ d_y
+            self.d_b += d_y.sum(axis=0)
+        else:
+            xp.matmul(self.x.T, d_y, out=self.d_W)
+            d_y.sum(axis=0, out=self.d_b)
+        return xp.matmul(d_y, self.W.T, out=out) if need_input_grad else None
 
     def __repr__(self):
         return f"Dense({self.n_in}, {self.n_out}, init={self.init!r})"
@@ -292,20 +321,60 @@ class MLP:
         """The dense layers, in order."""
         return [layer for layer in self.layers if isinstance(layer, Dense)]
 
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
+    def forward(self, x, work=None):
+        """Forward through the stack.
+
+        With a :class:`Workspace` ``work``, each layer writes into a buffer
+        kept from the previous call of the same shape, and activations work
+        in place (what the training step does); without it every array is new.
+        """
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, Dense):
+                out = None if work is None else work.get((id(self), "y", i), (x.shape[0], layer.n_out), x.dtype)
+                x = layer.forward(x, out=out)
+            else:
+                x = layer.forward(x, inplace=work is not None)
         return x
 
-    def backward(self, d_y, need_input_grad: bool = True):
-        """Backward through the stack in reverse order; see :meth:`Dense.backward`."""
+    def backward(self, d_y, need_input_grad: bool = True, work=None):
+        """Backward through the stack in reverse order; see :meth:`Dense.backward`.
+
+        With a :class:`Workspace`, parameter gradients are overwritten (each
+        layer is used once per step) and ``d_x`` buffers are reused; without
+        it, parameter gradients are accumulated.
+        """
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
             if isinstance(layer, Dense):
-                d_y = layer.backward(d_y, need_input_grad=need_input_grad or i > 0)
+                need = need_input_grad or i > 0
+                out = None
+                if work is not None and need:
+                    out = work.get((id(self), "d_x", i), (d_y.shape[0], layer.n_in), d_y.dtype)
+                d_y = layer.backward(d_y, need_input_grad=need, accumulate=work is None, out=out)
             else:
-                d_y = layer.backward(d_y)
+                d_y = layer.backward(d_y, inplace=work is not None)
         return d_y
+
+
+class Workspace:
+    """Work buffers kept across training steps, one per key, reallocated when the shape changes.
+
+    A training step allocates the same arrays every time; keeping them
+    avoids the allocator (and, for large arrays, fresh pages from the
+    operating system) on every step. Arrays handed out by a workspace are
+    overwritten by the next step: only code that finishes with them within
+    one step should use it.
+    """
+
+    def __init__(self, xp):
+        self.xp = xp
+        self._buffers = {}
+
+    def get(self, key, shape, dtype):
+        a = self._buffers.get(key)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = self._buffers[key] = self.xp.empty(shape, dtype=dtype)
+        return a
 
 
 def bind_flat(dense_layers, xp, dtype):

@@ -206,6 +206,39 @@ def reparameterize_backward(d_z, eps, sigma):
 
 
 # --------------------------------------------------------------------------------------
+# A soft bound on log-variances, so that exp(log_var) cannot overflow.
+# --------------------------------------------------------------------------------------
+
+LOG_VAR_BOUND = 30.0
+
+
+def bound_log_var(h, bound=LOG_VAR_BOUND):
+    r"""Map a network output ``h`` to a log-variance in ``(-bound, bound)``, smoothly.
+
+    .. math:: \log\sigma^2 = c \tanh(h / c)
+
+    For :math:`|h| \ll c` this is :math:`h` (at :math:`|h| = 5`, :math:`c = 30`
+    it differs by under 1 %), so trained models are unaffected; for extreme
+    ``h`` (an exploding encoder) :math:`\sigma^2 = e^{\log\sigma^2}` stays
+    within :math:`e^{\pm 30}` and every loss and gradient stays finite in
+    float32. The gradient is exact (see :func:`bound_log_var_backward`), not
+    clipped. ``bound=None`` returns ``h`` unchanged.
+    """
+    if bound is None:
+        return h
+    xp = get_array_module(h)
+    return bound * xp.tanh(h / bound)
+
+
+def bound_log_var_backward(d_log_var, log_var, bound=LOG_VAR_BOUND):
+    r"""Gradient of :func:`bound_log_var`: :math:`\partial L/\partial h = \partial L/\partial\log\sigma^2\,(1 - (\log\sigma^2/c)^2)`."""
+    if bound is None:
+        return d_log_var
+    t = log_var / bound
+    return d_log_var * (1.0 - t * t)
+
+
+# --------------------------------------------------------------------------------------
 # Discrete entropy and KL (the derivation's starting point).
 # --------------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import losses as L
 from .backend import Generator, get_xp, to_device
-from .layers import MLP, bind_flat, make_activation, sigmoid
+from .layers import MLP, Workspace, bind_flat, make_activation, sigmoid
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -73,6 +73,7 @@ class _Model:
     def _build(self, *mlps):
         dense = [layer for mlp in mlps for layer in mlp.dense]
         self.params, self.grads = bind_flat(dense, self.xp, self.dtype)
+        self._work = Workspace(self.xp)  # buffers of the training step, kept across steps
         init_rng = Generator(self.seed, self.xp, stream=STREAM_INIT)
         for layer in dense:
             layer.initialize(init_rng)
@@ -135,6 +136,13 @@ class VAE(_Model):
         ``likelihood="gaussian"`` that is the exact linear-Gaussian model).
     gaussian_log_var : float
         :math:`\log\sigma^2` of the fixed-variance Gaussian likelihood.
+    log_var_bound : float or None
+        Learned log-variances (the encoder's, and the decoder's for
+        ``gaussian_learned``) are :math:`c\tanh(h/c)` of the network output
+        ``h`` with ``c = log_var_bound`` (default 30), which keeps
+        :math:`\sigma^2` finite for any output and is the identity for
+        ordinary values; ``None`` uses ``h`` as it is
+        (:func:`~scratchvae.losses.bound_log_var`).
     init : {"auto", "he", "glorot", "fan_in_uniform"}
         Parameter initialisation (see :class:`~scratchvae.layers.MLP`).
     backend : {"numpy", "cupy", "auto"}, optional
@@ -165,6 +173,7 @@ class VAE(_Model):
         *,
         decoder_hidden=None,
         gaussian_log_var=0.0,
+        log_var_bound=L.LOG_VAR_BOUND,
         init="auto",
         backend=None,
         dtype="float32",
@@ -183,6 +192,9 @@ class VAE(_Model):
         self.gaussian_log_var = float(gaussian_log_var)
         if not np.isfinite(self.gaussian_log_var):
             raise ValueError("gaussian_log_var must be finite")
+        if log_var_bound is not None and not (np.isfinite(log_var_bound) and log_var_bound > 0):
+            raise ValueError(f"log_var_bound must be a positive number or None, got {log_var_bound!r}")
+        self.log_var_bound = None if log_var_bound is None else float(log_var_bound)
         J, D = self.latent_dim, self.input_dim
         n_out = 2 * D if likelihood == "gaussian_learned" else D
         self.init = init
@@ -201,6 +213,7 @@ class VAE(_Model):
             "activation": self.activation,
             "decoder_hidden": list(self.decoder_hidden),
             "gaussian_log_var": self.gaussian_log_var,
+            "log_var_bound": self.log_var_bound,
             "init": self.init,
             "dtype": np.dtype(self.dtype).name,
             "seed": self.seed,
@@ -213,10 +226,10 @@ class VAE(_Model):
         x = self.check_input(x)
         return self._encode(x)
 
-    def _encode(self, x):
-        h = self.encoder.forward(x)
+    def _encode(self, x, work=None):
+        h = self.encoder.forward(x, work=work)  # (batch, 2J) = [mu, h_log_var]
         J = self.latent_dim
-        return h[:, :J], h[:, J:]
+        return h[:, :J], L.bound_log_var(h[:, J:], self.log_var_bound)
 
     def _recon_nll(self, dec_out, x):
         """:math:`-\\log p(x|z)` per example from the decoder output ``(batch, D or 2D)``."""
@@ -225,7 +238,7 @@ class VAE(_Model):
         if self.likelihood == "gaussian":
             return L.gaussian_nll(dec_out, x, self.gaussian_log_var)
         D = self.input_dim
-        return L.gaussian_nll(dec_out[..., :D], x, dec_out[..., D:])
+        return L.gaussian_nll(dec_out[..., :D], x, L.bound_log_var(dec_out[..., D:], self.log_var_bound))
 
     def _recon_nll_backward(self, dec_out, x, d_nll):
         """``d_dec_out`` from the upstream gradient of :meth:`_recon_nll`."""
@@ -234,9 +247,10 @@ class VAE(_Model):
         if self.likelihood == "gaussian":
             d_mean, _ = L.gaussian_nll_backward(dec_out, x, self.gaussian_log_var, d_nll)
             return d_mean
-        D = self.input_dim
-        d_mean, d_log_var = L.gaussian_nll_backward(dec_out[:, :D], x, dec_out[:, D:], d_nll)
-        return self.xp.concatenate([d_mean, d_log_var], axis=1)
+        D, c = self.input_dim, self.log_var_bound
+        log_var = L.bound_log_var(dec_out[:, D:], c)
+        d_mean, d_log_var = L.gaussian_nll_backward(dec_out[:, :D], x, log_var, d_nll)
+        return self.xp.concatenate([d_mean, L.bound_log_var_backward(d_log_var, log_var, c)], axis=1)
 
     def _mean_from_output(self, dec_out):
         """The mean of :math:`p(x|z)`: ``sigmoid(logits)`` or the Gaussian mean."""
@@ -333,30 +347,35 @@ class VAE(_Model):
         return eps
 
     def _loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
-        """:meth:`loss_and_grad` without input checks (``x`` already on device, in dtype)."""
-        xp = self.xp
+        """:meth:`loss_and_grad` without input checks (``x`` already on device, in dtype).
+
+        Layer outputs live in work buffers kept across calls, and every
+        layer's gradient is written once (no zeroing, no temporaries); the
+        numbers are those of the plain forward/backward the tests check.
+        """
+        xp, work, c = self.xp, self._work, self.log_var_bound
         B, J = x.shape[0], self.latent_dim
-        self.grads[...] = 0
         # forward
-        enc_out = self.encoder.forward(x)  # (B, 2J) = [mu, log_var]
-        mu, log_var = enc_out[:, :J], enc_out[:, J:]
+        enc_out = self.encoder.forward(x, work=work)  # (B, 2J) = [mu, h_log_var]
+        mu = enc_out[:, :J]
+        log_var = L.bound_log_var(enc_out[:, J:], c)
         if eps is None:
             eps = self.rng.normal((B, J), self.dtype)
         z, sigma = L.reparameterize(mu, log_var, eps)
-        dec_out = self.decoder.forward(z)
+        dec_out = self.decoder.forward(z, work=work)
         recon = self._recon_nll(dec_out, x)  # (B,)
         kl = L.kl_normal_std(mu, log_var)  # (B,)
         recon_mean, kl_mean = recon.mean(), kl.mean()
         loss = recon_mean + beta * kl_mean
         # backward (reverse order); d loss / d recon_b = 1/B, d loss / d kl_b = beta/B
         d_dec_out = self._recon_nll_backward(dec_out, x, 1.0 / B)
-        d_z = self.decoder.backward(d_dec_out)
+        d_z = self.decoder.backward(d_dec_out, work=work)
         d_mu, d_log_var = L.reparameterize_backward(d_z, eps, sigma)
         d_mu_kl, d_log_var_kl = L.kl_normal_std_backward(mu, log_var, beta / B)
-        d_enc_out = xp.empty_like(enc_out)
-        d_enc_out[:, :J] = d_mu + d_mu_kl  # mu feeds z and the KL: gradients add
-        d_enc_out[:, J:] = d_log_var + d_log_var_kl
-        self.encoder.backward(d_enc_out, need_input_grad=False)
+        d_enc_out = work.get("d_enc_out", enc_out.shape, enc_out.dtype)
+        xp.add(d_mu, d_mu_kl, out=d_enc_out[:, :J])  # mu feeds z and the KL: gradients add
+        d_enc_out[:, J:] = L.bound_log_var_backward(d_log_var + d_log_var_kl, log_var, c)
+        self.encoder.backward(d_enc_out, need_input_grad=False, work=work)
         return Loss(loss, recon_mean, kl_mean)
 
 

@@ -95,21 +95,29 @@ class Adam:
         self._tmp = self.params * 0
 
     def step(self):
+        xp, tmp = get_array_module(self.params), self._tmp  # every pass writes into a kept buffer
         g = self.grads
         if self.weight_decay:
             g = g + self.weight_decay * self.params
         self.t += 1
         b1, b2, t = self.beta1, self.beta2, self.t
-        self.m *= b1
-        self.m += (1.0 - b1) * g
-        self.v *= b2
-        self.v += (1.0 - b2) * (g * g)
+        # m += (1 - b1) (g - m)   is   m = b1 m + (1 - b1) g
+        xp.subtract(g, self.m, out=tmp)
+        tmp *= 1.0 - b1
+        self.m += tmp
+        # v += (1 - b2) (g^2 - v)   is   v = b2 v + (1 - b2) g^2
+        xp.multiply(g, g, out=tmp)
+        tmp -= self.v
+        tmp *= 1.0 - b2
+        self.v += tmp
+        # params -= step_size * m / (sqrt(v) + eps_hat)
         bc2 = math.sqrt(1.0 - b2**t)
         step_size = self.lr * bc2 / (1.0 - b1**t)
-        tmp = self._tmp
-        get_array_module(self.v).sqrt(self.v, out=tmp)  # sqrt(v) + eps_hat, in a reused buffer
+        xp.sqrt(self.v, out=tmp)
         tmp += self.eps * bc2
-        self.params -= step_size * (self.m / tmp)
+        xp.divide(self.m, tmp, out=tmp)
+        tmp *= step_size
+        self.params -= tmp
 
     def state_dict(self):
         return {"t": self.t, "m": self.m, "v": self.v}

@@ -492,3 +492,16 @@ def test_gradcheck_model_fails_on_vae_with_wrong_reparameterize_backward(backend
     assert not result.ok, str(result)
     assert "(params)" in result.where
     assert result.max_rel_error > 1e-3
+
+
+@given(h=arrays(st.integers(1, 12), -200, 200, step=1 / 8), bound=st.sampled_from([5.0, losses.LOG_VAR_BOUND]))
+def test_bound_log_var_gradient(backend, xp, record_gradcheck, h, bound):
+    h = xp.asarray(h)
+    assert_gradients(
+        record_gradcheck,
+        "bound_log_var",
+        lambda a: losses.bound_log_var(a, bound),
+        lambda d: (losses.bound_log_var_backward(d, losses.bound_log_var(h, bound), bound),),
+        [h],
+        ["h"],
+    )

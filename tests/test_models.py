@@ -51,7 +51,8 @@ TRAINING_CASES = {
     "vae-adam": ("vae", Adam, {"lr": 1e-2}, 0.5),
     "vae-sgd-momentum": ("vae", SGD, {"lr": 5e-3, "momentum": 0.9}, 0.5),
     "autoencoder-adam": ("autoencoder", Adam, {"lr": 1e-2}, 0.25),
-    "autoencoder-sgd-momentum": ("autoencoder", SGD, {"lr": 0.1, "momentum": 0.9}, 0.25),
+    # lr 0.1 sits on the edge of stability here (float32 rounding decides the outcome); 0.05 is well inside
+    "autoencoder-sgd-momentum": ("autoencoder", SGD, {"lr": 0.05, "momentum": 0.9}, 0.25),
 }
 
 

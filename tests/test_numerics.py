@@ -1,0 +1,49 @@
+"""Extreme values: the soft log-variance bound keeps every loss and gradient finite, exactly differentiated."""
+
+import numpy as np
+import pytest
+from scratchvae import VAE
+from scratchvae.backend import to_device, to_numpy
+from scratchvae.losses import LOG_VAR_BOUND, bound_log_var
+
+
+def test_bound_log_var_is_the_identity_for_ordinary_values_and_bounded_beyond():
+    h = np.array([-5.0, -1.0, 0.0, 1.0, 5.0])
+    np.testing.assert_allclose(bound_log_var(h), h, rtol=1e-2)
+    far = bound_log_var(np.array([-1e6, -100.0, 100.0, 1e6]))
+    assert np.all(np.abs(far) <= LOG_VAR_BOUND)  # tanh rounds to exactly +-1 far out
+    np.testing.assert_allclose(np.abs(far), LOG_VAR_BOUND, rtol=0.02)
+    assert bound_log_var(h, None) is h
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian_learned"])
+@pytest.mark.parametrize("extreme", [-100.0, 100.0, 1e4])
+def test_extreme_encoder_log_variance_gives_finite_loss_and_gradients(backend, xp, likelihood, extreme):
+    """An encoder whose log-variance output is +-100 or more: float32 stays finite everywhere."""
+    model = VAE(16, (8,), 3, likelihood, backend=backend, dtype="float32", seed=0)
+    enc = model.encoder.dense[-1]
+    enc.b[3:] = extreme  # the log-variance half of the encoder's output
+    if likelihood == "gaussian_learned":
+        model.decoder.dense[-1].b[16:] = -extreme  # and the decoder's per-pixel log-variance
+    x = to_device(np.random.default_rng(0).random((5, 16)), xp, "float32")
+    out = model.loss_and_grad(x)
+    assert np.isfinite(float(out.loss)) and np.isfinite(float(out.kl))
+    assert np.all(np.isfinite(to_numpy(model.grads)))
+
+
+def test_without_the_bound_float32_overflows_as_documented(backend, xp):
+    model = VAE(16, (8,), 3, backend=backend, dtype="float32", seed=0, log_var_bound=None)
+    model.encoder.dense[-1].b[3:] = 100.0
+    x = to_device(np.random.default_rng(0).random((5, 16)), xp, "float32")
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not np.isfinite(float(model.loss_and_grad(x).kl))
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e6])
+def test_huge_logits_give_finite_bernoulli_loss_and_gradients(backend, xp, scale):
+    model = VAE(16, (8,), 3, backend=backend, dtype="float32", seed=0)
+    model.decoder.dense[-1].b[:] = scale * np.where(np.arange(16) % 2, 1.0, -1.0)
+    x = to_device((np.random.default_rng(0).random((5, 16)) > 0.5).astype(np.float32), xp, "float32")
+    out = model.loss_and_grad(x)
+    assert np.isfinite(float(out.loss))
+    assert np.all(np.isfinite(to_numpy(model.grads)))
