@@ -165,3 +165,25 @@ def test_init_flag_is_recorded_in_the_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(tmp_path / "r" / "checkpoint.npz").meta["model"]["init"] == "glorot"
     assert_one_line_error(cli("train", "--init", "zeros"), "--init")
+
+
+def test_model_and_run_flags_reach_the_checkpoint(tmp_path):
+    """Every train flag that shapes the run is recorded where it took effect."""
+    from scratchvae.checkpoint import load_checkpoint
+
+    out = tmp_path / "r"
+    proc = cli("train", "--epochs", "1", "--train-size", "256", "--test-size", "64", "--hidden", "24,12",
+               "--latent", "3", "--batch-size", "50", "--lr", "0.02", "--optimizer", "sgd", "--dtype", "float64",
+               "--activation", "tanh", "--likelihood", "gaussian_learned", "--binarize", "static",
+               "--seed", "7", "--backend", "numpy", "--progress", "on", "--out", out)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    meta = load_checkpoint(out / "checkpoint.npz").meta
+    model, run = meta["model"], meta["train"]
+    assert model["hidden"] == [24, 12] and model["decoder_hidden"] == [12, 24] and model["latent_dim"] == 3
+    assert (model["activation"], model["likelihood"], model["dtype"], model["seed"]) == (
+        "tanh", "gaussian_learned", "float64", 7)  # fmt: skip
+    assert (run["batch_size"], run["lr"], run["optimizer"], run["binarize"]) == (50, 0.02, "sgd", "static")
+    assert meta["optimizer"]["t"] == 6  # ceil(256 / 50) steps
+    assert "epoch 1/1" in proc.stderr  # the progress line, forced on without a terminal
+    quiet = cli("train", "--epochs", "1", *SMALL, "--progress", "off", "--out", tmp_path / "q")
+    assert quiet.returncode == 0 and "epoch 1/1" not in quiet.stderr
