@@ -15,6 +15,7 @@ requirement is NumPy.
 from .backend import BackendError, get_array_module, get_xp, to_device, to_numpy
 from .gradcheck import GradcheckResult, gradcheck, gradcheck_model
 from .model import VAE, Autoencoder, Loss
+from .objectives import iwae_loss_and_grad
 from .optim import SGD, Adam
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "VAE",
     "Autoencoder",
     "Loss",
+    "iwae_loss_and_grad",
     "Adam",
     "SGD",
     "gradcheck",

@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
-import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from .backend import to_device, to_numpy
+from .backend import BackendError, to_device, to_numpy
 
 FORMAT = "scratchvae-checkpoint"
 VERSION = 1
@@ -85,17 +83,33 @@ def load_checkpoint(path) -> Checkpoint:
     Raises
     ------
     CheckpointError
-        Missing file, not a zip/npz (truncated or corrupt), missing entries,
-        unreadable metadata, or a parameter count that disagrees with the
-        stored model configuration.
+        Missing file or not a file; not an ``.npz`` archive (truncated,
+        corrupt, or a lone ``.npy`` array); object arrays (never unpickled);
+        missing entries; unreadable metadata; malformed parameters. Whatever
+        the bytes are, nothing else is raised.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if isinstance(z, np.ndarray):  # a lone .npy array, not an .npz archive
+            raise CheckpointError(f"{path} holds a single array, not a scratchvae checkpoint")
+        with z:
             data = {name: z[name] for name in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as exc:
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        if exc.errno is None:  # e.g. bzip2's "Invalid data stream": damaged bytes, not an unreadable file
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
+    except Exception as exc:
+        # Damaged bytes make zipfile and numpy raise many kinds of exception: BadZipFile, EOFError,
+        # ValueError (also for object arrays, which are never unpickled), NotImplementedError (an
+        # unknown compression method or zip version), RuntimeError (an "encrypted" flag), zlib and
+        # lzma errors, MemoryError (a header announcing a huge array). Each means the same here.
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     for key in ("params", "meta.json"):
         if key not in data:
@@ -127,7 +141,9 @@ def build_model(config: dict, backend=None):
             return VAE(backend=backend, **cfg)
         if kind == "Autoencoder":
             return Autoencoder(backend=backend, **cfg)
-    except TypeError as exc:
+    except BackendError:  # the requested backend, not the checkpoint, is the problem
+        raise
+    except (TypeError, ValueError, OverflowError, MemoryError) as exc:  # missing, unknown or ill-typed entries
         raise CheckpointError(f"checkpoint model configuration is not understood ({exc})") from None
     raise CheckpointError(f"checkpoint names an unknown model kind {kind!r}")
 

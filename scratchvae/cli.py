@@ -59,6 +59,16 @@ def positive_float(text):
     return v
 
 
+def nonnegative_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
 def layer_sizes(text):
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
@@ -118,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--binarize", choices=BINARIZE, default="none",
                    help="none: grey levels as targets; dynamic: a fresh Bernoulli sample of each image every time "
                         "it is used (standard for reported likelihoods); static: thresholded once (default none)")  # fmt: skip
+    t.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
+                   help="elbo: negative ELBO with one sample and the analytic KL (weighted by --beta); "
+                        "iwae: negative importance-weighted bound log 1/K sum_k p(x,z_k)/q(z_k|x) with --k "
+                        "samples (Burda et al. 2015) (default elbo)")  # fmt: skip
+    t.add_argument("--k", type=positive_int, default=1,
+                   help="importance samples K per example for --objective iwae (default 1; the elbo takes 1 only)")  # fmt: skip
+    t.add_argument("--beta", type=nonnegative_float, default=1.0,
+                   help="weight of the KL term of the elbo objective, loss = recon + beta * KL (default 1; "
+                        "iwae takes 1 only)")  # fmt: skip
+    t.add_argument("--kl-warmup", type=nonnegative_int, default=0, metavar="EPOCHS",
+                   help="ramp the KL weight linearly from 0 at the first step to --beta after EPOCHS epochs, "
+                        "step by step (default 0: no warm-up; elbo only)")  # fmt: skip
     t.add_argument("--backend", choices=BACKENDS, default=None,
                    help="numpy (CPU), cupy (NVIDIA GPU) or auto; default: $SCRATCHVAE_BACKEND or numpy")  # fmt: skip
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="floating-point type (default float32)")
@@ -169,7 +191,8 @@ def cmd_train(args) -> int:
         data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, hidden=tuple(args.hidden), latent=args.latent, activation=args.activation,
         init=args.init,
-        likelihood=args.likelihood, binarize=args.binarize, backend=args.backend, dtype=args.dtype,
+        likelihood=args.likelihood, binarize=args.binarize, objective=args.objective, k=args.k, beta=args.beta,
+        kl_warmup=args.kl_warmup, backend=args.backend, dtype=args.dtype,
         seed=args.seed, out=args.out, resume=args.resume, train_size=args.train_size,
         test_size=args.test_size, checkpoint_every=args.checkpoint_every, progress=_progress_flag(args.progress),
     )  # fmt: skip
@@ -195,15 +218,23 @@ def cmd_evaluate(args) -> int:
     import time
 
     from . import data as D
+    from .checkpoint import CheckpointError
     from .train import Progress, evaluate_elbo, evaluate_nll
 
     ckpt, model = _load(args.checkpoint, args.backend)
     train_cfg = ckpt.meta.get("train", {})
+    if not isinstance(train_cfg, dict):
+        raise CheckpointError(f"checkpoint {args.checkpoint} has a malformed training configuration")
     binarize = train_cfg.get("binarize", "none")
+    if binarize not in D.BINARIZE:
+        raise CheckpointError(f"checkpoint {args.checkpoint} names an unknown binarization {binarize!r}")
     data_dir = args.data_dir
-    if data_dir is None and train_cfg.get("data_dir") and Path(train_cfg["data_dir"]).is_dir():
-        data_dir = train_cfg["data_dir"]  # where the run found its data, if that is here too
+    saved_dir = train_cfg.get("data_dir")
+    if data_dir is None and isinstance(saved_dir, str) and saved_dir and Path(saved_dir).is_dir():
+        data_dir = saved_dir  # where the run found its data, if that is here too
     mnist = D.load_mnist(data_dir)
+    if args.n_test is not None and args.n_test > len(mnist.test_images):
+        raise ValueError(f"--n-test {args.n_test} is more than the {len(mnist.test_images)} test images")
     test_x = mnist.test_images[: args.n_test]
     if binarize == "static":
         test_x = D.static_binarize(test_x)

@@ -31,11 +31,13 @@ from .backend import Generator, backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from .evaluate import iwae_bound
 from .model import VAE
+from .objectives import _check_k, _iwae_loss_and_grad
 from .optim import OPTIMIZERS
 
 STREAM_DATA, STREAM_EVAL = 2, 3  # generator streams of the run's seed (0, 1 belong to the model)
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
+OBJECTIVES = ("elbo", "iwae")
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,7 +46,31 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (the CLI's ``train`` flags)."""
+    r"""Everything that defines a training run (the CLI's ``train`` flags).
+
+    The objective minimised at each step:
+
+    * ``objective="elbo"``: :math:`\frac1B\sum_b[-\log p(x_b|z_b) + \beta_t\,\mathrm{KL}_b]`
+      (:meth:`VAE.loss_and_grad <scratchvae.model.VAE.loss_and_grad>`, one
+      sample, analytic KL), with the KL weight :math:`\beta_t` of
+      :meth:`beta_at`: ``beta`` throughout, or, with ``kl_warmup = W > 0``
+      epochs of ``S`` steps, a per-step linear ramp from 0,
+
+      .. math:: \beta_t = \beta\,\min\!\Big(1, \frac{t}{W S}\Big),
+          \qquad t = (\text{epoch} - 1)\,S + \text{step} = 0, 1, 2, \dots
+
+      so the first step has :math:`\beta_0 = 0` and every step from the
+      first of epoch :math:`W + 1` on has :math:`\beta_t = \beta`.
+    * ``objective="iwae"``: the negative importance-weighted bound with
+      ``k`` samples (:func:`~scratchvae.objectives.iwae_loss_and_grad`). It
+      has no separate KL term to weight, so it takes ``beta = 1`` and
+      ``kl_warmup = 0`` only; ``k = 1`` is the one-sample ELBO with a Monte
+      Carlo KL. The ELBO takes ``k = 1`` only.
+
+    The train loss reported per epoch is the mean of this objective over the
+    epoch's steps (with their :math:`\beta_t`); the test loss is always the
+    negative ELBO (:math:`\beta = 1`).
+    """
 
     data_dir: str | None = None
     epochs: int = 10
@@ -57,6 +83,10 @@ class TrainConfig:
     init: str = "fan_in_uniform"  # the torch.nn.Linear default, as in the PyTorch VAE example
     likelihood: str = "bernoulli"
     binarize: str = "none"
+    objective: str = "elbo"  # "elbo" or "iwae"
+    k: int = 1  # importance samples of the iwae objective
+    beta: float = 1.0  # KL weight of the elbo objective
+    kl_warmup: int = 0  # epochs over which the KL weight ramps linearly from 0 to beta
     backend: str | None = None
     dtype: str = "float32"
     seed: int = 0
@@ -70,7 +100,7 @@ class TrainConfig:
     # Fields that must agree between a run and its resumption.
     RESUME_KEYS = (
         "batch_size", "lr", "optimizer", "hidden", "latent", "activation", "init", "likelihood",
-        "binarize", "dtype", "seed", "train_size", "test_size",
+        "binarize", "dtype", "seed", "train_size", "test_size", "objective", "k", "beta", "kl_warmup",
     )  # fmt: skip
 
     def to_json(self) -> dict:
@@ -98,6 +128,28 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        _check_k(self.k)
+        if isinstance(self.beta, bool) or not (
+            isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0
+        ):
+            raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
+        if isinstance(self.kl_warmup, bool) or not isinstance(self.kl_warmup, (int, np.integer)) or self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be an integer >= 0, got {self.kl_warmup!r}")
+        if self.objective == "elbo" and self.k != 1:
+            raise ValueError(f"k = {self.k} (--k) needs --objective iwae; the elbo objective uses one sample")
+        if self.objective == "iwae" and (self.beta != 1 or self.kl_warmup != 0):
+            raise ValueError(
+                "the iwae objective has no separate KL term to weight: beta must be 1 and kl_warmup 0 "
+                f"(got beta {self.beta}, kl_warmup {self.kl_warmup}); use --objective elbo for --beta/--kl-warmup"
+            )
+
+    def beta_at(self, t: int, steps_per_epoch: int) -> float:
+        """KL weight of the ``t``-th training step of the run (``t = 0, 1, ...``; see the class docstring)."""
+        if self.kl_warmup == 0:
+            return float(self.beta)
+        return float(self.beta) * min(1.0, t / (self.kl_warmup * steps_per_epoch))
 
 
 @dataclass
@@ -118,14 +170,74 @@ class EpochStats:
         self.kl += batch * kl
 
 
+def _whole(name, v, low, high=None):
+    if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
+        raise ValueError(f"{name} must be an integer in {low}..{'' if high is None else high}, got {v!r}")
+    return v
+
+
+def _real(name, v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    return v
+
+
+def training_state(meta: dict, n: int, batch_size: int):
+    """``(epoch, step, stats, history)`` from a checkpoint's metadata, checked against the run.
+
+    With ``n`` images in batches of ``batch_size`` an epoch has
+    ``ceil(n / batch_size)`` steps; at step ``s`` of epoch ``e`` the running
+    sums cover ``min(s * batch_size, n)`` images and the history holds one row
+    for each of epochs ``1 .. e-1``. Raises ``KeyError``, ``TypeError`` or
+    ``ValueError`` naming what does not fit.
+    """
+    n_steps = -(-n // batch_size)
+    epoch = _whole("epoch", meta["epoch"], 1)
+    step = _whole("step", meta["step"], 0, n_steps)
+    _whole("optimizer t", meta["optimizer"]["t"], 0)
+    stats = EpochStats(**meta["stats"])
+    covered = min(step * batch_size, n)
+    if _whole("stats n", stats.n, 0) != covered:
+        raise ValueError(f"stats cover {stats.n} images, but step {step} in batches of {batch_size} means {covered}")
+    for name in ("loss", "recon", "kl", "seconds"):
+        _real(f"stats {name}", getattr(stats, name))
+    history = meta["history"]
+    if (
+        not isinstance(history, list) or len(history) != epoch - 1
+        or [row.get("epoch") if isinstance(row, dict) else row for row in history] != list(range(1, epoch))
+    ):  # fmt: skip
+        raise ValueError(f"history must hold one row for each of epochs 1..{epoch - 1}")
+    for row in history:
+        for key in ("train_loss", "test_loss"):
+            _real(f"history {key}", row[key])
+    return epoch, step, stats, history
+
+
+def is_permutation(perm, n: int) -> bool:
+    """Whether ``perm`` is an integer array holding each of ``0 .. n-1`` once."""
+    return (
+        isinstance(perm, np.ndarray) and perm.shape == (n,) and perm.dtype.kind in "iu"
+        and np.array_equal(np.sort(perm), np.arange(n))
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------
 # Data: uint8 images -> float minibatches on the model's device.
 # ------------------------------------------------------------------------------------------
 
 
 def prepare_mnist(cfg: TrainConfig):
-    """Load MNIST (uint8), slice to ``train_size``/``test_size``, threshold once for ``static``."""
+    """Load MNIST (uint8), slice to ``train_size``/``test_size``, threshold once for ``static``.
+
+    A size larger than the set is a ``ValueError``, not silently the whole set.
+    """
     mnist = D.load_mnist(cfg.data_dir)
+    for name, size, images_u8, split in (("train_size", cfg.train_size, mnist.train_images, "training"),
+                                         ("test_size", cfg.test_size, mnist.test_images, "test")):  # fmt: skip
+        if size is not None and size > len(images_u8):
+            raise ValueError(
+                f"{name} {size} is more than the {len(images_u8)} {split} images; leave it out to use them all"
+            )
     train_x, train_y = mnist.train_images[: cfg.train_size], mnist.train_labels[: cfg.train_size]
     test_x, test_y = mnist.test_images[: cfg.test_size], mnist.test_labels[: cfg.test_size]
     if cfg.binarize == "static":
@@ -254,6 +366,12 @@ class Run:
     # ---------------------------------------------------------------- checkpoints
 
     def save(self) -> Path:
+        """Write the checkpoint; parameters with NaN or inf raise ``TrainingDiverged`` and keep the last good one."""
+        if not bool(self.xp.isfinite(self.model.params).all()):
+            raise TrainingDiverged(
+                f"the parameters became NaN or inf (checkpoint at epoch {self.epoch}, step {self.step} not written); "
+                f"try a smaller --lr (now {self.cfg.lr}); the last good checkpoint is kept"
+            )
         meta = {
             "model": self.model.config(),
             "train": self.cfg.to_json(),
@@ -272,30 +390,39 @@ class Run:
     def restore(self) -> None:
         path = self.out / CHECKPOINT
         ckpt = load_checkpoint(path)
-        saved = ckpt.meta.get("train", {})
+        saved = ckpt.meta.get("train")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"cannot resume from {path}: it holds no training configuration")
+        # a checkpoint from before the objective fields existed was trained with their defaults
+        saved = {"objective": "elbo", "k": 1, "beta": 1.0, "kl_warmup": 0, **saved}
         now = self.cfg.to_json()
         diff = [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]
         if diff:
             pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
             raise CheckpointError(f"cannot resume from {path}: the configuration differs ({pairs})")
-        model = restore_model(ckpt, backend=backend_name(self.xp))
+        try:
+            model = restore_model(ckpt, backend=backend_name(self.xp))
+        except CheckpointError as exc:  # say which file: --out names it only implicitly
+            raise CheckpointError(f"cannot resume from {path}: {exc}") from None
         if model.params.shape != self.model.params.shape:
             raise CheckpointError(f"cannot resume from {path}: the model has a different size")
-        try:
-            self.model.params[...] = model.params
+        try:  # check everything before taking any of it
+            epoch, step, stats, history = training_state(ckpt.meta, len(self.train_x), self.cfg.batch_size)
             state = {k[4:]: to_device(v, self.xp) for k, v in ckpt.arrays.items() if k.startswith("opt_")}
+            for k, v in state.items():
+                if v.shape != self.model.params.shape:
+                    raise ValueError(f"optimiser array {k} has shape {v.shape}, not that of the parameters")
             state["t"] = ckpt.meta["optimizer"]["t"]
             self.opt.load_state_dict(state)
             self.model.rng.set_state(ckpt.meta["rng"]["noise"])
             self.data_rng.set_state(ckpt.meta["rng"]["data"])
-            self.epoch, self.step = int(ckpt.meta["epoch"]), int(ckpt.meta["step"])
-            self.perm = ckpt.arrays.get("perm")
-            self.stats = EpochStats(**ckpt.meta["stats"])
-            self.history = list(ckpt.meta["history"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {path} is missing training state ({exc})") from None
-        if self.step and (self.perm is None or self.perm.shape != (len(self.train_x),)):
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise CheckpointError(f"checkpoint {path} has missing or malformed training state ({exc})") from None
+        perm = ckpt.arrays.get("perm")
+        if step and not is_permutation(perm, len(self.train_x)):
             raise CheckpointError(f"checkpoint {path} has no usable data order for its mid-epoch position")
+        self.model.params[...] = model.params
+        self.epoch, self.step, self.perm, self.stats, self.history = epoch, step, perm, stats, history
 
     # ---------------------------------------------------------------- training
 
@@ -329,7 +456,7 @@ class Run:
             while self.step < n_steps:
                 idx = self.perm[self.step * bs : (self.step + 1) * bs]
                 xb = to_device(D.to_float_batch(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype), self.xp)
-                pending.append((len(idx), model._loss_and_grad(xb)))
+                pending.append((len(idx), self._loss_and_grad(xb, (self.epoch - 1) * n_steps + self.step, n_steps)))
                 if len(pending) >= check_every or self.step == n_steps - 1:
                     flush()
                 opt.step()
@@ -348,12 +475,22 @@ class Run:
             bar.close()
         s = self.stats
         return {"train_loss": s.loss / s.n, "train_recon": s.recon / s.n, "train_kl": s.kl / s.n,
+                "beta": cfg.beta_at(self.epoch * n_steps - 1, n_steps),  # the KL weight of the epoch's last step
                 "seconds": s.seconds, "examples_per_s": s.n / max(s.seconds, 1e-9)}  # fmt: skip
+
+    def _loss_and_grad(self, xb, t, steps_per_epoch):
+        """The configured objective's loss (a :class:`~scratchvae.model.Loss`) and gradient at the run's step ``t``."""
+        if self.cfg.objective == "iwae":
+            return _iwae_loss_and_grad(self.model, xb, self.cfg.k)
+        return self.model._loss_and_grad(xb, None, self.cfg.beta_at(t, steps_per_epoch))
 
     def run(self) -> list:
         """Train to ``cfg.epochs``; returns the per-epoch metrics."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # it, or a folder above it, is a file
+            raise OSError(f"cannot create the run folder {self.out} ({exc.strerror or exc})") from None
         if cfg.resume:
             if (self.out / CHECKPOINT).exists():
                 self.restore()
@@ -363,10 +500,13 @@ class Run:
         elif (self.out / CHECKPOINT).exists():
             self.log(f"note: {self.out / CHECKPOINT} exists and will be overwritten (use --resume to continue it)")
         self._write_metrics()
+        objective = f"iwae k={cfg.k}" if cfg.objective == "iwae" else f"elbo beta={cfg.beta}"
+        if cfg.kl_warmup:
+            objective += f" after a {cfg.kl_warmup}-epoch warm-up from 0"
         self.log(
             f"training {self.model.n_params:,} parameters "
             f"({cfg.latent}-d latent, hidden {','.join(map(str, cfg.hidden))}, {cfg.activation}, {cfg.likelihood}) "
-            f"on {len(self.train_x):,} images, {backend_name(self.xp)}/{cfg.dtype}, out {self.out}"
+            f"on {len(self.train_x):,} images, {objective}, {backend_name(self.xp)}/{cfg.dtype}, out {self.out}"
         )
         interrupted = []
         previous = signal.getsignal(signal.SIGINT)
@@ -391,7 +531,13 @@ class Run:
                         f"interrupted at epoch {self.epoch}, step {self.step}; checkpoint saved to "
                         f"{self.out / CHECKPOINT}; resume with the same command plus --resume"
                     ) from None
-                test = evaluate_elbo(self.model, self.test_x, cfg.binarize, cfg.seed)
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    test = evaluate_elbo(self.model, self.test_x, cfg.binarize, cfg.seed)
+                if not math.isfinite(test["loss"]):  # the last update broke the model: keep the last checkpoint
+                    raise TrainingDiverged(
+                        f"test loss became {test['loss']} at the end of epoch {self.epoch}, step {self.step}; "
+                        f"try a smaller --lr (now {cfg.lr}); the last good checkpoint is kept"
+                    )
                 row = {"epoch": self.epoch, **metrics, "test_loss": test["loss"],
                        "recon": test["recon"], "kl": test["kl"]}  # fmt: skip
                 self.history.append(row)
