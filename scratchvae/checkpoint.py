@@ -15,13 +15,12 @@ crash during a write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ._files import atomic_write
 from .backend import BackendError, to_device, to_numpy
 
 FORMAT = "scratchvae-checkpoint"
@@ -60,20 +59,7 @@ def save_checkpoint(path, params, meta: dict, arrays: dict | None = None) -> Pat
     for name, a in (arrays or {}).items():
         payload[name] = to_numpy(a)
     payload["meta.json"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: np.savez(f, **payload), fsync=True)
     return path
 
 

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import binascii
 import os
-import secrets
 import struct
 import zlib
 from statistics import NormalDist
 
 import numpy as np
 
+from ._files import atomic_write
 from .backend import to_numpy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -106,30 +106,6 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
 
 
-def _atomic_write(path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
-
-    A reader never sees a half-written image, and an error leaves any old file
-    in place. Missing parent directories are created.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # open(..., "xb") rather than tempfile.mkstemp: the file gets the usual
-    # umask permissions instead of mkstemp's owner-only 0600.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_png(path, image) -> None:
     """Write an 8-bit greyscale or RGB PNG file.
 
@@ -172,7 +148,7 @@ def write_png(path, image) -> None:
             _chunk(b"IEND", b""),
         ]
     )
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _unfilter_row(filter_type, line, prev, bpp):
@@ -528,7 +504,7 @@ def _matplotlib():
 
 def _save_figure(path, fig) -> None:
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _data_range(lo, hi):

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import data as D
 from . import images
+from ._files import atomic_write
 from .backend import Generator, backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from .evaluate import iwae_bound
@@ -362,6 +363,7 @@ class Run:
         self.perm = None
         self.stats = EpochStats()
         self.history = []
+        self.notes = None  # how the last pictures were rendered (see write_pictures)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -550,7 +552,7 @@ class Run:
                 self.stats = EpochStats()
                 self.save()
                 self._write_metrics()
-                self.pictures()
+                self.notes = self.pictures()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -558,10 +560,8 @@ class Run:
 
     def _write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history (so a resumed run never duplicates an epoch)."""
-        path = self.out / METRICS
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
-        tmp.replace(path)
+        text = "".join(json.dumps(row) + "\n" for row in self.history)
+        atomic_write(self.out / METRICS, lambda f: f.write(text.encode("utf-8")))
 
     # ---------------------------------------------------------------- pictures
 
@@ -579,8 +579,9 @@ def write_pictures(model, out, test_x, test_y, history, cfg) -> list:
     images.save_reconstructions(out / "reconstructions.png", x, model.reconstruct(x), ncols=10)
     notes = []
     if history:
-        series = {"train": [r["train_loss"] for r in history], "test": [r["test_loss"] for r in history]}
-        notes.append(images.plot_curves(out / "loss.png", series, title="negative ELBO per example"))
+        series = {"train (objective)": [r["train_loss"] for r in history],
+                  "test (negative ELBO)": [r["test_loss"] for r in history]}  # fmt: skip
+        notes.append(images.plot_curves(out / "loss.png", series, title="loss per example"))
     if model.latent_dim == 2:
         n = 20
         images.save_grid(out / "manifold.png", model.decode(images.latent_grid(n)), ncols=n)
@@ -594,7 +595,7 @@ def train(cfg: TrainConfig, log=print) -> list:
     """Run :class:`Run` for ``cfg``; returns the per-epoch metrics."""
     run = Run(cfg, log=log)
     history = run.run()
-    notes = run.pictures()
+    notes = run.notes if run.notes is not None else run.pictures()  # none yet if no epoch was left to run
     for note in sorted(set(notes)):
         if note and not note.startswith("matplotlib"):
             log(f"plots rendered with {note}")
