@@ -13,6 +13,9 @@ requirement is NumPy.
 """
 
 from .backend import BackendError, get_array_module, get_xp, to_device, to_numpy
+from .data import DataError, load_mnist
+from .evaluate import iwae_bound
+from .exact import LinearGaussianVAE
 from .gradcheck import GradcheckResult, gradcheck, gradcheck_model
 from .model import VAE, Autoencoder, Loss
 from .objectives import iwae_loss_and_grad
@@ -24,7 +27,11 @@ __all__ = [
     "VAE",
     "Autoencoder",
     "Loss",
+    "LinearGaussianVAE",
     "iwae_loss_and_grad",
+    "iwae_bound",
+    "load_mnist",
+    "DataError",
     "Adam",
     "SGD",
     "gradcheck",
