@@ -15,9 +15,21 @@ log-sum-exp, so :math:`K = 5000` fits in memory and never overflows.
 from __future__ import annotations
 
 import math
+import operator
 
 from . import losses as L
 from .backend import Generator
+
+
+def check_k(k) -> int:
+    """``k`` as an int, checked to be a positive integer (``2.5``, ``True``, ``0`` are refused)."""
+    try:
+        value = operator.index(k)
+    except TypeError:
+        value = 0
+    if isinstance(k, bool) or value < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return value
 
 
 def log_weights(model, x, eps):
@@ -56,9 +68,7 @@ def iwae_bound(model, x, k=5000, *, rng=None, max_elements=1 << 23):
     max_elements : int
         Bound on the decoder outputs held at once (``chunk * batch * D``).
     """
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = check_k(k)
     x = model.check_input(x, bounded=getattr(model, "likelihood", None) == "bernoulli")
     xp = model.xp
     rng = rng or model.rng or Generator(0, xp)

@@ -7,7 +7,9 @@ Conventions (used everywhere in scratchvae):
 * ``backward(d_y)`` takes the gradient of the scalar loss with respect to the
   layer's output and returns the gradient with respect to its input; a layer
   with parameters *accumulates* (``+=``) their gradients into its ``d_W`` and
-  ``d_b`` views of the model's flat gradient buffer.
+  ``d_b`` views of the model's flat gradient buffer. (The models' training
+  step, which uses each layer once, asks it to overwrite them instead, which
+  spares zeroing the buffer; see :meth:`MLP.backward`.)
 
 Parameters live in one contiguous flat buffer per model (see :func:`bind_flat`):
 each layer's ``W`` and ``b`` are views into it, and ``d_W``/``d_b`` views into the
@@ -294,8 +296,9 @@ class MLP:
     activation : str
         Hidden activation name (see :data:`ACTIVATIONS`).
     init : {"auto", "he", "glorot", "fan_in_uniform"}
-        ``auto`` and ``he`` use He for the hidden layers when they are ReLU
-        (Glorot otherwise) and Glorot for the last, linear, layer; ``glorot``
+        ``auto`` uses He for the hidden layers when they are ReLU (Glorot
+        otherwise); ``he`` uses He for the hidden layers whatever the
+        activation; both use Glorot for the last, linear, layer. ``glorot``
         and ``fan_in_uniform`` use that scheme for every layer (see :class:`Dense`).
     """
 
@@ -305,8 +308,10 @@ class MLP:
             raise ValueError(f"layer sizes must be >= 1 and at least two of them, got {sizes}")
         if init not in ("auto", *Dense.INITS):
             raise ValueError(f"unknown init {init!r}; choose one of auto, {', '.join(Dense.INITS)}")
-        if init in ("auto", "he"):
+        if init == "auto":
             hidden_init, last_init = ("he" if activation == "relu" else "glorot"), "glorot"
+        elif init == "he":
+            hidden_init, last_init = "he", "glorot"
         else:
             hidden_init = last_init = init
         self.layers = []

@@ -30,6 +30,11 @@ from .layers import sigmoid, softplus
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def _scalar_or_array(a):
+    """A 0-d or scalar ``a`` as a Python float (weakly typed: it never promotes float32 data), else ``a``."""
+    return float(a) if getattr(a, "ndim", 0) == 0 else a
+
+
 def _exp(a, xp):
     """``exp(a)`` for an array or a Python scalar (a scalar stays a weakly typed Python float)."""
     return math.exp(a) if isinstance(a, (int, float)) else xp.exp(a)
@@ -91,6 +96,7 @@ def gaussian_nll(mean, x, log_var):
     ``(batch, dim)`` (learned per-pixel log-variance) -> ``(batch,)``.
     """
     xp = get_array_module(mean, x)
+    log_var = _scalar_or_array(log_var)
     diff = x - mean
     per_dim = LOG_2PI + log_var + diff * diff * _exp(-log_var, xp)
     per_dim = xp.broadcast_to(per_dim, diff.shape)
@@ -108,6 +114,7 @@ def gaussian_nll_backward(mean, x, log_var, d_nll):
     meaningful when ``log_var`` is learned; a fixed scalar simply ignores it).
     """
     xp = get_array_module(mean, x)
+    log_var = _scalar_or_array(log_var)
     d = _rows(d_nll, mean)
     inv_var = _exp(-log_var, xp)
     diff = mean - x

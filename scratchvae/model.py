@@ -18,6 +18,7 @@ over the batch: it is the negative ELBO per example, in nats.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -126,8 +127,8 @@ class VAE(_Model):
         ``bernoulli``: the decoder outputs logits ``l`` and
         :math:`-\log p(x|z) = \sum_d \operatorname{softplus}(l_d) - x_d l_d`
         (targets in ``[0, 1]``). ``gaussian``: the decoder outputs the mean and
-        the variance is fixed to ``exp(gaussian_log_var)``; the seed's
-        :math:`(x - \hat x)^2` loss. ``gaussian_learned``: the decoder outputs a
+        the variance is fixed to ``exp(gaussian_log_var)``: the
+        squared-error loss :math:`(x - \hat x)^2` up to scale and a constant. ``gaussian_learned``: the decoder outputs a
         mean and a per-pixel log-variance (``2 D`` outputs).
     activation : str
         Hidden activation: relu, tanh, sigmoid or softplus.
@@ -335,6 +336,12 @@ class VAE(_Model):
             :math:`\partial\,\text{loss}/\partial\,\text{params}` on return.
         """
         x = self.check_input(x, bounded=self.likelihood == "bernoulli")
+        try:
+            beta = float(beta)  # a Python float: never promotes a float32 loss
+        except (TypeError, ValueError):
+            beta = math.nan
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         return self._loss_and_grad(x, self._check_eps(eps, x.shape[0]), beta)
 
     def _check_eps(self, eps, batch):
@@ -411,6 +418,8 @@ class Autoencoder(_Model):
         self.hidden = _as_sizes(hidden)
         make_activation(activation)  # an unknown name fails here even if no hidden layer uses it
         self.activation = activation
+        if output not in ("sigmoid", "identity"):
+            raise ValueError(f"unknown output {output!r}; choose 'sigmoid' or 'identity'")
         self.output = output
         self.init = init
         self.encoder = MLP((self.input_dim, *self.hidden, self.latent_dim), activation, init)

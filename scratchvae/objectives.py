@@ -29,22 +29,11 @@ agree in expectation (value and gradient), not draw by draw.
 from __future__ import annotations
 
 import math
-import operator
 
 from . import losses as L
 from .backend import to_device
+from .evaluate import check_k
 from .model import Loss
-
-
-def _check_k(k) -> int:
-    """``k`` as an int, checked to be a positive integer."""
-    try:
-        value = operator.index(k)
-    except TypeError:
-        value = 0
-    if isinstance(k, bool) or value < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return value
 
 
 def iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
@@ -83,7 +72,7 @@ def iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
         :math:`\partial\,\text{loss}/\partial\,\text{params}` on return.
     """
     x = model.check_input(x, bounded=model.likelihood == "bernoulli")
-    k = _check_k(k)
+    k = check_k(k)
     if eps is not None:
         eps = to_device(eps, model.xp, dtype=model.dtype)
         shape = (k, x.shape[0], model.latent_dim)

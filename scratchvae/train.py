@@ -32,7 +32,8 @@ from .backend import Generator, backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from .evaluate import iwae_bound
 from .model import VAE
-from .objectives import _check_k, _iwae_loss_and_grad
+from .evaluate import check_k
+from .objectives import _iwae_loss_and_grad
 from .optim import OPTIMIZERS
 
 STREAM_DATA, STREAM_EVAL = 2, 3  # generator streams of the run's seed (0, 1 belong to the model)
@@ -131,7 +132,7 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        _check_k(self.k)
+        check_k(self.k)
         if isinstance(self.beta, bool) or not (
             isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0
         ):
@@ -497,6 +498,9 @@ class Run:
             if (self.out / CHECKPOINT).exists():
                 self.restore()
                 self.log(f"resuming {self.out} at epoch {self.epoch}, step {self.step}")
+                if self.xp is not np:
+                    self.log("note: on the GPU the noise generator restarts from the seed, so the resumed run "
+                             "is equivalent but not bitwise identical to an uninterrupted one")  # fmt: skip
             else:
                 self.log(f"no checkpoint in {self.out}; starting a new run")
         elif (self.out / CHECKPOINT).exists():

@@ -459,7 +459,8 @@ def test_vae_constructor_rejects_bad_arguments(backend, problem):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(output="softmax"), "unknown activation 'softmax'"),
+        (dict(output="softmax"), "unknown output 'softmax'"),
+        (dict(output="relu"), "unknown output 'relu'"),
         (dict(activation="swish"), "unknown activation 'swish'"),
         (dict(hidden=(0,)), "hidden sizes must be positive"),
         (dict(dtype="int8"), "unsupported dtype"),
@@ -499,3 +500,23 @@ def test_unknown_backend_name_is_a_backend_error(model):
     with pytest.raises(BackendError, match="unknown backend 'tpu'; choose one of numpy, cupy, auto") as info:
         model(D, (8,), 2, backend="tpu")
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("beta", [-1.0, float("nan"), float("inf"), "half", None])
+def test_loss_and_grad_rejects_a_bad_beta(beta):
+    model = small_vae("numpy")
+    with pytest.raises(ValueError, match="beta"):
+        model.loss_and_grad(data(np, "float64"), beta=beta)
+
+
+def test_numpy_scalar_beta_keeps_a_float32_loss():
+    model = VAE(12, (6,), 3, dtype="float32")
+    out = model.loss_and_grad(data(np, "float32"), beta=np.float64(0.5))
+    assert out.loss.dtype == np.float32 and model.grads.dtype == np.float32
+
+
+def test_he_init_means_he_for_hidden_layers_whatever_the_activation():
+    he = VAE(400, (300,), 4, activation="tanh", init="he", dtype="float64")
+    auto = VAE(400, (300,), 4, activation="tanh", init="auto", dtype="float64")
+    assert np.std(he.encoder.dense[0].W) == pytest.approx(np.sqrt(2 / 400), rel=0.03)  # He normal
+    assert np.abs(auto.encoder.dense[0].W).max() <= np.sqrt(6 / 700)  # Glorot uniform for tanh

@@ -47,3 +47,30 @@ def test_huge_logits_give_finite_bernoulli_loss_and_gradients(backend, xp, scale
     out = model.loss_and_grad(x)
     assert np.isfinite(float(out.loss))
     assert np.all(np.isfinite(to_numpy(model.grads)))
+
+
+def test_gaussian_nll_with_a_numpy_scalar_log_variance_keeps_float32():
+    from scratchvae.losses import gaussian_nll, gaussian_nll_backward
+
+    mean, x = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    assert gaussian_nll(mean, x, np.float64(0.5)).dtype == np.float32
+    assert all(g.dtype == np.float32 for g in gaussian_nll_backward(mean, x, np.float64(0.5), 1.0))
+
+
+def test_iwae_bound_in_chunks_equals_one_chunk():
+    from scratchvae.backend import Generator
+    from scratchvae.evaluate import iwae_bound
+
+    model = VAE(16, (8,), 3, dtype="float64", seed=1)
+    x = np.random.default_rng(0).random((4, 16))
+    one = iwae_bound(model, x, 50, rng=Generator(5, np), max_elements=1 << 30)
+    many = iwae_bound(model, x, 50, rng=Generator(5, np), max_elements=4 * 16 * 7)  # chunks of 7 samples
+    np.testing.assert_allclose(many, one, rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", [0, -2, 2.5, True, "3"])
+def test_iwae_bound_refuses_a_bad_k(k):
+    from scratchvae.evaluate import iwae_bound
+
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        iwae_bound(VAE(16, (8,), 3), np.zeros((2, 16)), k)

@@ -182,9 +182,9 @@ def test_iwae_gradient_in_each_dtype_matches_float64_reference(backend, xp, dtyp
     out = iwae_loss_and_grad(model, x, k, eps)
     assert model.grads.dtype == np.dtype(dtype)
     g_ref, g = reference.grads, to_numpy(model.grads).astype(np.float64)
-    assert np.linalg.norm(g - g_ref) <= dtype_rtol * max(np.linalg.norm(g_ref), 1e-300) * 10
+    assert np.linalg.norm(g - g_ref) <= dtype_rtol * max(np.linalg.norm(g_ref), 1e-300)
     scale = abs(float(ref.recon)) + abs(float(ref.kl)) + 1.0
-    assert abs(float(out.loss) - float(ref.loss)) <= 10 * dtype_rtol * scale
+    assert abs(float(out.loss) - float(ref.loss)) <= dtype_rtol * scale
 
 
 def test_iwae_rejects_bad_k_and_noise_of_the_wrong_shape(backend):
