@@ -31,6 +31,7 @@ from ._files import atomic_write
 from .backend import Generator, backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from .evaluate import iwae_bound
+from .layers import Workspace
 from .model import VAE
 from .evaluate import check_k
 from .objectives import _iwae_loss_and_grad
@@ -365,6 +366,7 @@ class Run:
         self.stats = EpochStats()
         self.history = []
         self.notes = None  # how the last pictures were rendered (see write_pictures)
+        self._batch_work = Workspace(np)  # the host float buffer each minibatch is converted into
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -458,7 +460,9 @@ class Run:
         try:
             while self.step < n_steps:
                 idx = self.perm[self.step * bs : (self.step + 1) * bs]
-                xb = to_device(D.to_float_batch(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype), self.xp)
+                host = self._batch_work.get("x", (len(idx), self.train_x.shape[1]), model.dtype)  # reused
+                xb = D.to_float_batch(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype, out=host)
+                xb = to_device(xb, self.xp)
                 pending.append((len(idx), self._loss_and_grad(xb, (self.epoch - 1) * n_steps + self.step, n_steps)))
                 if len(pending) >= check_every or self.step == n_steps - 1:
                     flush()
