@@ -376,6 +376,7 @@ class Workspace:
         self._buffers = {}
 
     def get(self, key, shape, dtype):
+        """The buffer kept under ``key``: an uninitialised array of ``shape`` and ``dtype``."""
         a = self._buffers.get(key)
         if a is None or a.shape != tuple(shape) or a.dtype != dtype:
             a = self._buffers[key] = self.xp.empty(shape, dtype=dtype)

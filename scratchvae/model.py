@@ -428,6 +428,7 @@ class Autoencoder(_Model):
         self._build(self.encoder, self.decoder)
 
     def config(self) -> dict:
+        """The constructor arguments, JSON-serialisable (what a checkpoint stores)."""
         return {
             "model": "Autoencoder",
             "input_dim": self.input_dim,

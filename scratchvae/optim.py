@@ -44,6 +44,7 @@ class SGD:
         self.velocity = self.params * 0
 
     def step(self):
+        """One update of ``params`` in place from the current ``grads``."""
         g = self.grads
         if self.weight_decay:
             g = g + self.weight_decay * self.params
@@ -53,9 +54,11 @@ class SGD:
         self.t += 1
 
     def state_dict(self):
+        """``{"t": steps taken, "velocity": array like params}`` (live arrays, not copies)."""
         return {"t": self.t, "velocity": self.velocity}
 
     def load_state_dict(self, state):
+        """Restore what :meth:`state_dict` returned (arrays are copied into the kept buffers)."""
         self.t = int(state["t"])
         self.velocity[...] = state["velocity"]
 
@@ -95,6 +98,7 @@ class Adam:
         self._tmp = self.params * 0
 
     def step(self):
+        """One update of ``params`` in place from the current ``grads`` (12 passes, no allocation)."""
         xp, tmp = get_array_module(self.params), self._tmp  # every pass writes into a kept buffer
         g = self.grads
         if self.weight_decay:
@@ -120,9 +124,11 @@ class Adam:
         self.params -= tmp
 
     def state_dict(self):
+        """``{"t": steps taken, "m", "v": moment arrays like params}`` (live arrays, not copies)."""
         return {"t": self.t, "m": self.m, "v": self.v}
 
     def load_state_dict(self, state):
+        """Restore what :meth:`state_dict` returned (arrays are copied into the kept buffers)."""
         self.t = int(state["t"])
         self.m[...] = state["m"]
         self.v[...] = state["v"]
