@@ -49,8 +49,7 @@ def log_weights(model, x, eps):
     """
     mu, log_var = model._encode(x)
     z, _ = L.reparameterize(mu, log_var, eps)
-    # log q(z|x) = log N(z; mu, sigma^2), written with eps = (z - mu)/sigma for accuracy
-    log_q = -0.5 * (L.LOG_2PI + log_var + eps * eps).sum(axis=-1)
+    log_q = L.log_q_reparameterized(log_var, eps)
     return model.log_px_given_z(z, x) + L.log_standard_normal(z) - log_q
 
 

@@ -138,6 +138,20 @@ def log_standard_normal(z):
     return -0.5 * (LOG_2PI + z * z).sum(axis=-1)
 
 
+def log_q_reparameterized(log_var, eps):
+    r""":math:`\log q(z|x) = \log N(z; \mu, \sigma^2)` at a reparameterized sample :math:`z = \mu + \sigma\epsilon`.
+
+    .. math:: \log q(z|x) = -\tfrac12\sum_j\big(\log 2\pi + \log\sigma_j^2 + \epsilon_j^2\big)
+
+    Written with :math:`\epsilon = (z - \mu)/\sigma` it needs no division and
+    does not depend on :math:`\mu`; with :math:`\epsilon` fixed its derivative
+    is 0 with respect to :math:`\mu` and :math:`-\tfrac12` per dimension with
+    respect to :math:`\log\sigma^2`. Shapes: ``log_var (batch, J)``,
+    ``eps (..., batch, J)`` -> ``(..., batch)``.
+    """
+    return -0.5 * (LOG_2PI + log_var + eps * eps).sum(axis=-1)
+
+
 # --------------------------------------------------------------------------------------
 # KL(N(mu, sigma^2) || N(0, I)) in closed form.
 # --------------------------------------------------------------------------------------

@@ -363,9 +363,7 @@ class VAE(_Model):
         xp, work, c = self.xp, self._work, self.log_var_bound
         B, J = x.shape[0], self.latent_dim
         # forward
-        enc_out = self.encoder.forward(x, work=work)  # (B, 2J) = [mu, h_log_var]
-        mu = enc_out[:, :J]
-        log_var = L.bound_log_var(enc_out[:, J:], c)
+        mu, log_var = self._encode(x, work=work)  # encoder output [mu, h_log_var], log_var = c tanh(h / c)
         if eps is None:
             eps = self.rng.normal((B, J), self.dtype)
         z, sigma = L.reparameterize(mu, log_var, eps)
@@ -379,7 +377,7 @@ class VAE(_Model):
         d_z = self.decoder.backward(d_dec_out, work=work)
         d_mu, d_log_var = L.reparameterize_backward(d_z, eps, sigma)
         d_mu_kl, d_log_var_kl = L.kl_normal_std_backward(mu, log_var, beta / B)
-        d_enc_out = work.get("d_enc_out", enc_out.shape, enc_out.dtype)
+        d_enc_out = work.get("d_enc_out", (B, 2 * J), mu.dtype)
         xp.add(d_mu, d_mu_kl, out=d_enc_out[:, :J])  # mu feeds z and the KL: gradients add
         d_enc_out[:, J:] = L.bound_log_var_backward(d_log_var + d_log_var_kl, log_var, c)
         self.encoder.backward(d_enc_out, need_input_grad=False, work=work)

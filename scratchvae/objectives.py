@@ -100,9 +100,7 @@ def _iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
     xp, work, c = model.xp, model._work, model.log_var_bound
     K, (B, D), J = k, x.shape, model.latent_dim
     # forward
-    enc_out = model.encoder.forward(x, work=work)  # (B, 2J) = [mu, h_log_var]
-    mu = enc_out[:, :J]
-    log_var = L.bound_log_var(enc_out[:, J:], c)  # (B, J)
+    mu, log_var = model._encode(x, work=work)  # (B, J) each; log_var = c tanh(h / c)
     if eps is None:
         eps = model.rng.normal((K, B, J), model.dtype)
     z, sigma = L.reparameterize(mu, log_var, eps)  # (K, B, J); sigma (B, J)
@@ -111,7 +109,7 @@ def _iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
     x_k.reshape(K, B, D)[...] = x
     recon = model._recon_nll(dec_out, x_k).reshape(K, B)  # -log p(x|z_k)
     log_pz = L.log_standard_normal(z)  # (K, B)
-    log_qz = -0.5 * (L.LOG_2PI + log_var + eps * eps).sum(axis=-1)  # (K, B), with eps = (z - mu) / sigma
+    log_qz = L.log_q_reparameterized(log_var, eps)  # (K, B)
     log_w = -recon + log_pz - log_qz  # (K, B)
     top = log_w.max(axis=0)  # (B,), so that exp never overflows
     w_shift = xp.exp(log_w - top)  # w_k / max_k w_k
@@ -131,7 +129,7 @@ def _iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
     d_z += d_log_pz[..., None] * (-z)  # z feeds the decoder and log p(z): gradients add
     d_mu, d_log_var = L.reparameterize_backward(d_z, eps, sigma)  # (K, B, J) each
     d_log_var += d_log_qz[..., None] * (-0.5)  # log_var feeds z and log q(z|x)
-    d_enc_out = work.get("d_enc_out", enc_out.shape, enc_out.dtype)
+    d_enc_out = work.get("d_enc_out", (B, 2 * J), mu.dtype)
     d_enc_out[:, :J] = d_mu.sum(axis=0)  # mu and sigma are shared by the K samples: sum over k
     d_enc_out[:, J:] = L.bound_log_var_backward(d_log_var.sum(axis=0), log_var, c)
     model.encoder.backward(d_enc_out, need_input_grad=False, work=work)
