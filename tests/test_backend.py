@@ -273,9 +273,10 @@ def _subprocess_env():
     return env
 
 
-def _import_in_subprocess(blocked):
+def _run_script(script, *args):
+    """Run ``python -c script args`` from the checkout; return the last line it printed."""
     proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_SCRIPT, json.dumps(blocked)],
+        [sys.executable, "-c", script, *args],
         cwd=REPO_ROOT,
         env=_subprocess_env(),
         capture_output=True,
@@ -283,7 +284,11 @@ def _import_in_subprocess(blocked):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _import_in_subprocess(blocked):
+    return json.loads(_run_script(_IMPORT_SCRIPT, json.dumps(blocked)))
 
 
 def test_import_works_with_every_optional_package_blocked():
@@ -312,13 +317,4 @@ print("cupy" in sys.modules)
 
 def test_import_and_numpy_use_never_import_cupy():
     """Only asking for backend "cupy" or "auto" imports cupy (this matters where it is installed)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _NO_CUPY_SCRIPT],
-        cwd=REPO_ROOT,
-        env=_subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert _run_script(_NO_CUPY_SCRIPT) == "False"

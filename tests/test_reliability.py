@@ -527,6 +527,15 @@ class _Delete:
 
 DELETE = _Delete()  # as a value in the tables below: remove the key
 
+def _with_meta_changed(source, key, value, path):
+    """A copy of the checkpoint ``source`` at ``path`` with one metadata entry set (``_set``); returns ``path``."""
+    good = load_checkpoint(source)
+    meta = copy.deepcopy(good.meta)
+    _set(meta, key, value)
+    np.savez(path, params=good.params, **good.arrays, **{"meta.json": _meta_bytes(meta)})
+    return path
+
+
 BAD_MODEL_META = [
     ("model", DELETE), ("model", "VAE"), ("model.model", "GAN"), ("model.input_dim", DELETE),
     ("model.input_dim", "784x"), ("model.input_dim", float("inf")), ("model.hidden", "wide"),
@@ -538,11 +547,7 @@ BAD_MODEL_META = [
 
 @pytest.mark.parametrize("key,value", BAD_MODEL_META, ids=[f"{k}={v!r}"[:40] for k, v in BAD_MODEL_META])
 def test_checkpoint_with_bad_model_meta_is_one_line(key, value, reference, capsys, tmp_path):
-    good = load_checkpoint(reference["checkpoint"])
-    meta = copy.deepcopy(good.meta)
-    _set(meta, key, value)
-    path = tmp_path / "bad.npz"
-    np.savez(path, params=good.params, **good.arrays, **{"meta.json": _meta_bytes(meta)})
+    path = _with_meta_changed(reference["checkpoint"], key, value, tmp_path / "bad.npz")
     with pytest.raises(CheckpointError):
         restore_model(load_checkpoint(path))
     main_error(capsys, "sample", path, "--out", tmp_path / "s.png")
@@ -553,11 +558,7 @@ BAD_TRAIN_META = [("train", [1, 2]), ("train.binarize", "sometimes"), ("train.da
 
 @pytest.mark.parametrize("key,value", BAD_TRAIN_META, ids=[f"{k}={v!r}" for k, v in BAD_TRAIN_META])
 def test_evaluate_with_bad_training_configuration_is_one_line(key, value, reference, capsys, tmp_path):
-    good = load_checkpoint(reference["checkpoint"])
-    meta = copy.deepcopy(good.meta)
-    _set(meta, key, value)
-    path = tmp_path / "bad.npz"
-    np.savez(path, params=good.params, **good.arrays, **{"meta.json": _meta_bytes(meta)})
+    path = _with_meta_changed(reference["checkpoint"], key, value, tmp_path / "bad.npz")
     if key == "train.data_dir":  # an ill-typed hint is ignored: the data is found as usual
         assert main(["evaluate", str(path), "--iwae-k", "2", "--n-test", "4", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["n_test"] == 4
