@@ -23,7 +23,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, status 2 (argparse would print the usage too)
-        raise UsageError(message)
+        # argparse quotes what it was given: a value with a line break must not break the line
+        raise UsageError("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
 
 
 # ------------------------------------------------------------------ flag value types

@@ -854,6 +854,7 @@ def _build_only(cfg):
 @example(argv=["train", "--lr", "1e-400"])
 @example(argv=["train", "--seed", "9" * 5000])
 @example(argv=["train", "--hidden", ",,"])
+@example(argv=["train", "\n"])  # argparse quotes the unknown argument: still one line
 def test_random_command_lines_parse_or_raise_usage_error(argv):
     """``main``'s parsing step gives a namespace or a UsageError; an accepted train line builds a config that
     validates or raises ValueError (combinations the parser cannot see, like ``--k 5`` with the elbo)."""
