@@ -20,6 +20,7 @@ from .gradcheck import GradcheckResult, gradcheck, gradcheck_model
 from .model import VAE, Autoencoder, Loss
 from .objectives import iwae_loss_and_grad
 from .optim import SGD, Adam
+from .parallel import ParallelStep
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "DataError",
     "Adam",
     "SGD",
+    "ParallelStep",
     "gradcheck",
     "gradcheck_model",
     "GradcheckResult",

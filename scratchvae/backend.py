@@ -18,6 +18,7 @@ used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -131,6 +132,104 @@ def device_name(xp) -> str:
     props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
     name = props["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+# --------------------------------------------------------------------------------------
+# The thread count of NumPy's BLAS, changed at run time.
+# --------------------------------------------------------------------------------------
+
+# (set, get) function names of BLAS libraries NumPy is built against, most likely first:
+# the OpenBLAS of NumPy's own wheels (64-bit integer interface, prefixed), plain
+# OpenBLAS, and MKL. Each set takes an int; each get returns one.
+_BLAS_THREAD_FUNCTIONS = (
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+    ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+)
+_blas_functions = None  # (set, get) once looked up; False when there are none
+
+
+def _loaded_libraries():
+    """Paths of the shared libraries loaded into this process (Linux: from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            fields = [line.split() for line in f]
+    except OSError:  # no /proc (macOS, Windows): not supported, callers fall back
+        return []
+    return list(dict.fromkeys(f[-1] for f in fields if len(f) >= 6 and ".so" in f[-1]))
+
+
+def _blas_thread_functions():
+    """``(set, get)`` ctypes functions of NumPy's BLAS thread count, or ``None`` when there are none."""
+    global _blas_functions
+    if _blas_functions is None:
+        import ctypes  # noqa: PLC0415
+
+        _blas_functions = False
+        names = ("blas", "mkl")
+        for path in _loaded_libraries():
+            if not any(n in os.path.basename(path).lower() for n in names):
+                continue
+            try:
+                lib = ctypes.CDLL(path)  # already loaded: the same handle, nothing new runs
+            except OSError:
+                continue
+            for set_name, get_name in _BLAS_THREAD_FUNCTIONS:
+                setter, getter = getattr(lib, set_name, None), getattr(lib, get_name, None)
+                if setter is not None and getter is not None:
+                    setter.argtypes, setter.restype = [ctypes.c_int], None
+                    getter.argtypes, getter.restype = [], ctypes.c_int
+                    _blas_functions = (setter, getter)
+                    break
+            if _blas_functions:
+                break
+    return _blas_functions or None
+
+
+def blas_threads() -> int | None:
+    """How many threads NumPy's BLAS uses now, or ``None`` where that cannot be read.
+
+    Readable (and settable) for the OpenBLAS of NumPy's wheels, other
+    OpenBLAS builds and MKL, on Linux; ``None`` elsewhere.
+    """
+    functions = _blas_thread_functions()
+    return None if functions is None else int(functions[1]())
+
+
+@contextlib.contextmanager
+def limit_blas_threads(n: int):
+    """Run the ``with`` block with NumPy's BLAS on at most ``n`` threads, then restore the count.
+
+    The count is process-wide: every thread's matrix products see it. Yields
+    whether the limit could be applied (``False`` where :func:`blas_threads`
+    is ``None``; nothing changes then).
+    """
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    functions = _blas_thread_functions()
+    if functions is None:
+        yield False
+        return
+    setter, getter = functions
+    before = int(getter())
+    if before > n:
+        setter(n)
+    try:
+        yield True
+    finally:
+        if before > n:
+            setter(before)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class Generator:

@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/mnist", help="run folder for metrics, checkpoint and pictures (default runs/mnist)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (give the same flags as the first run); "
-                        "on the CPU the result is bitwise identical to an uninterrupted run")  # fmt: skip
+                        "on the CPU, with the same --threads, the result is bitwise identical to an uninterrupted "
+                        "run")  # fmt: skip
+    t.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of each training step: the batch is split over them by rows, and BLAS "
+                        "runs on one thread in each (default: one per CPU on numpy; the GPU uses 1). Another "
+                        "count changes results by rounding only")  # fmt: skip
     t.add_argument("--train-size", type=positive_int, default=None, help="use only the first N training images")
     t.add_argument("--test-size", type=positive_int, default=None, help="use only the first N test images")
     t.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
@@ -179,6 +184,7 @@ def cmd_train(args) -> int:
         kl_warmup=args.kl_warmup, backend=args.backend, dtype=args.dtype,
         seed=args.seed, out=args.out, resume=args.resume, train_size=args.train_size,
         test_size=args.test_size, checkpoint_every=args.checkpoint_every, progress=_progress_flag(args.progress),
+        threads=args.threads,
     )  # fmt: skip
     history = train(cfg)
     out = Path(cfg.out)

@@ -102,7 +102,8 @@ class ReLU(Activation):
         y = \max(x, 0), \qquad
         \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y}\,[y > 0]
 
-    (the subgradient at 0 is taken as 0). Caches ``y``.
+    (the subgradient at 0 is taken as 0). Caches ``y``; in place, also keeps
+    the mask :math:`[y > 0]` in a buffer of its own across calls.
     """
 
     name = "relu"
@@ -114,7 +115,13 @@ class ReLU(Activation):
 
     def backward(self, d_y, inplace=False):
         xp = get_array_module(d_y)
-        return xp.multiply(d_y, self.y > 0, out=d_y if inplace else None)
+        if not inplace:
+            return xp.multiply(d_y, self.y > 0)
+        mask = getattr(self, "_mask", None)
+        if mask is None or mask.shape != d_y.shape or mask.dtype != d_y.dtype or get_array_module(mask) is not xp:
+            mask = self._mask = xp.empty_like(d_y)
+        xp.greater(self.y, 0, out=mask)  # 1.0 where y > 0, else 0.0
+        return xp.multiply(d_y, mask, out=d_y)
 
 
 class Tanh(Activation):
@@ -304,6 +311,7 @@ class MLP:
 
     def __init__(self, sizes, activation: str = "relu", init: str = "auto"):
         sizes = [int(s) for s in sizes]
+        self.sizes, self.activation, self.init = tuple(sizes), activation, init
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"layer sizes must be >= 1 and at least two of them, got {sizes}")
         if init not in ("auto", *Dense.INITS):
@@ -320,6 +328,10 @@ class MLP:
             self.layers.append(Dense(n_in, n_out, init=last_init if last else hidden_init))
             if not last:
                 self.layers.append(make_activation(activation))
+
+    def clone(self):
+        """A new stack of the same shape, activation and init, with no parameters bound yet."""
+        return MLP(self.sizes, self.activation, self.init)
 
     @property
     def dense(self):
@@ -383,18 +395,24 @@ class Workspace:
         return a
 
 
-def bind_flat(dense_layers, xp, dtype):
+def bind_flat(dense_layers, xp, dtype, params=None):
     """Allocate one flat parameter buffer and one flat gradient buffer for ``dense_layers``.
 
     Each layer's ``W, b`` (and ``d_W, d_b``) become views into consecutive
-    slices, in the order given.
+    slices, in the order given. With ``params`` (a 1-D array of the right
+    length) the layers share that parameter buffer instead of a new one
+    (replicas of a model for a step split over threads); the gradient
+    buffer is always new.
 
     Returns
     -------
     params, grads : 1-D arrays of length ``sum(layer.size)``
     """
     n = sum(layer.size for layer in dense_layers)
-    params = xp.zeros(n, dtype=dtype)
+    if params is None:
+        params = xp.zeros(n, dtype=dtype)
+    elif params.shape != (n,) or params.dtype != dtype:
+        raise ValueError(f"params must be a 1-D {dtype} array of length {n}, got {params.dtype} {params.shape}")
     grads = xp.zeros(n, dtype=dtype)
     offset = 0
     for layer in dense_layers:

@@ -77,6 +77,42 @@ def bernoulli_nll_backward(logits, x, d_nll):
     return _rows(d_nll, logits) * (sigmoid(logits) - x)
 
 
+def bernoulli_nll_and_grad(logits, x, out=None, tmp=None):
+    r""":func:`bernoulli_nll` and its gradient per unit upstream gradient, with no temporary arrays.
+
+    .. math::
+        \mathrm{nll} = \sum_d \big[\log(1 + e^{-|l_d|}) + \max(l_d, 0) - x_d\, l_d\big],\qquad
+        \frac{\partial\,\mathrm{nll}}{\partial l_d} = \sigma(l_d) - x_d = \tfrac12\big(1 + \tanh\tfrac{l_d}{2}\big) - x_d
+
+    The same numbers as :func:`bernoulli_nll` and
+    ``bernoulli_nll_backward(logits, x, 1.0)``, computed in place in two
+    ``(batch, dim)`` buffers: ``out`` receives the gradient and ``tmp`` is
+    scratch (both allocated when omitted). The training step passes kept
+    buffers: a fresh array of this size per operation costs more than the
+    arithmetic (every one comes back from the operating system as new pages).
+
+    Shapes: ``logits, x (batch, dim)`` -> ``nll (batch,)``, ``grad (batch, dim)`` (``out``).
+    """
+    xp = get_array_module(logits, x)
+    t = xp.empty_like(logits) if tmp is None else tmp
+    g = xp.empty_like(logits) if out is None else out
+    xp.abs(logits, out=t)
+    xp.negative(t, out=t)
+    xp.exp(t, out=t)
+    xp.log1p(t, out=t)  # log(1 + e^{-|l|})
+    xp.maximum(logits, 0, out=g)
+    t += g  # softplus(l)
+    xp.multiply(x, logits, out=g)
+    t -= g
+    nll = t.sum(axis=-1)
+    xp.multiply(logits, 0.5, out=g)
+    xp.tanh(g, out=g)
+    g += 1.0
+    g *= 0.5  # sigma(l)
+    g -= x
+    return nll, g
+
+
 # --------------------------------------------------------------------------------------
 # Gaussian likelihood, fixed or learned variance.
 # --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ over the batch: it is the negative ELBO per example, in nats.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import losses as L
 from .backend import Generator, get_xp, to_device
-from .layers import MLP, Workspace, bind_flat, make_activation, sigmoid
+from .layers import MLP, Activation, Workspace, bind_flat, make_activation, sigmoid
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -72,12 +73,33 @@ class _Model:
         self.rng = Generator(self.seed, self.xp, stream=STREAM_NOISE)
 
     def _build(self, *mlps):
+        self._mlp_names = [next(k for k, v in vars(self).items() if v is mlp) for mlp in mlps]
         dense = [layer for mlp in mlps for layer in mlp.dense]
         self.params, self.grads = bind_flat(dense, self.xp, self.dtype)
         self._work = Workspace(self.xp)  # buffers of the training step, kept across steps
         init_rng = Generator(self.seed, self.xp, stream=STREAM_INIT)
         for layer in dense:
             layer.initialize(init_rng)
+
+    def _replica(self):
+        """A model that shares this one's parameter buffer but has its own gradients and work buffers.
+
+        Layers cache their inputs in ``forward`` for ``backward``, so two
+        threads cannot run one model at once; each runs its own replica
+        (see :mod:`scratchvae.parallel`). Writing the replica's ``params``
+        writes this model's.
+        """
+        r = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Activation):  # e.g. the autoencoder's output activation caches y
+                setattr(r, name, copy.copy(value))
+        mlps = [getattr(self, name).clone() for name in self._mlp_names]
+        for name, mlp in zip(self._mlp_names, mlps):
+            setattr(r, name, mlp)
+        dense = [layer for mlp in mlps for layer in mlp.dense]
+        r.params, r.grads = bind_flat(dense, self.xp, self.dtype, params=self.params)
+        r._work = Workspace(self.xp)
+        return r
 
     @property
     def n_params(self) -> int:
@@ -253,6 +275,18 @@ class VAE(_Model):
         d_mean, d_log_var = L.gaussian_nll_backward(dec_out[:, :D], x, log_var, d_nll)
         return self.xp.concatenate([d_mean, L.bound_log_var_backward(d_log_var, log_var, c)], axis=1)
 
+    def _recon_nll_and_grad(self, dec_out, x, work):
+        """:meth:`_recon_nll` and ``d nll_b / d dec_out_b`` (for an upstream gradient of 1), for the training steps.
+
+        The caller scales the gradient's rows in place by the real upstream
+        gradient. The Bernoulli case runs in two kept buffers of ``work``
+        (see :func:`~scratchvae.losses.bernoulli_nll_and_grad`).
+        """
+        if self.likelihood == "bernoulli":
+            out = work.get("d_dec_out", dec_out.shape, dec_out.dtype)
+            return L.bernoulli_nll_and_grad(dec_out, x, out=out, tmp=work.get("nll_tmp", dec_out.shape, dec_out.dtype))
+        return self._recon_nll(dec_out, x), self._recon_nll_backward(dec_out, x, 1.0)
+
     def _mean_from_output(self, dec_out):
         """The mean of :math:`p(x|z)`: ``sigmoid(logits)`` or the Gaussian mean."""
         if self.likelihood == "bernoulli":
@@ -353,31 +387,37 @@ class VAE(_Model):
             raise ValueError(f"eps must have shape {(batch, self.latent_dim)}, got {tuple(eps.shape)}")
         return eps
 
-    def _loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
+    def _loss_and_grad(self, x, eps=None, beta=1.0, n_total=None) -> Loss:
         """:meth:`loss_and_grad` without input checks (``x`` already on device, in dtype).
 
         Layer outputs live in work buffers kept across calls, and every
         layer's gradient is written once (no zeroing, no temporaries); the
         numbers are those of the plain forward/backward the tests check.
+
+        ``n_total`` (default: the rows of ``x``) is the batch size the sums
+        are divided by: with ``x`` a part of a batch of ``n_total`` rows, the
+        loss and gradient are that part's share of the batch's, and the
+        shares of all parts add up to the whole (see :mod:`scratchvae.parallel`).
         """
         xp, work, c = self.xp, self._work, self.log_var_bound
-        B, J = x.shape[0], self.latent_dim
+        J = self.latent_dim
+        B = x.shape[0] if n_total is None else n_total
         # forward
         mu, log_var = self._encode(x, work=work)  # encoder output [mu, h_log_var], log_var = c tanh(h / c)
         if eps is None:
-            eps = self.rng.normal((B, J), self.dtype)
+            eps = self.rng.normal((x.shape[0], J), self.dtype)
         z, sigma = L.reparameterize(mu, log_var, eps)
         dec_out = self.decoder.forward(z, work=work)
-        recon = self._recon_nll(dec_out, x)  # (B,)
-        kl = L.kl_normal_std(mu, log_var)  # (B,)
-        recon_mean, kl_mean = recon.mean(), kl.mean()
+        recon, d_dec_out = self._recon_nll_and_grad(dec_out, x, work)  # (rows,), d recon_b / d dec_out_b
+        kl = L.kl_normal_std(mu, log_var)  # (rows,)
+        recon_mean, kl_mean = recon.sum() / B, kl.sum() / B
         loss = recon_mean + beta * kl_mean
         # backward (reverse order); d loss / d recon_b = 1/B, d loss / d kl_b = beta/B
-        d_dec_out = self._recon_nll_backward(dec_out, x, 1.0 / B)
+        d_dec_out *= 1.0 / B
         d_z = self.decoder.backward(d_dec_out, work=work)
         d_mu, d_log_var = L.reparameterize_backward(d_z, eps, sigma)
         d_mu_kl, d_log_var_kl = L.kl_normal_std_backward(mu, log_var, beta / B)
-        d_enc_out = work.get("d_enc_out", (B, 2 * J), mu.dtype)
+        d_enc_out = work.get("d_enc_out", mu.shape[:1] + (2 * J,), mu.dtype)
         xp.add(d_mu, d_mu_kl, out=d_enc_out[:, :J])  # mu feeds z and the KL: gradients add
         d_enc_out[:, J:] = L.bound_log_var_backward(d_log_var + d_log_var_kl, log_var, c)
         self.encoder.backward(d_enc_out, need_input_grad=False, work=work)
@@ -457,8 +497,8 @@ class Autoencoder(_Model):
         x = self.check_input(x)
         return self._loss_and_grad(x)
 
-    def _loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
-        B = x.shape[0]
+    def _loss_and_grad(self, x, eps=None, beta=1.0, n_total=None) -> Loss:
+        B = x.shape[0] if n_total is None else n_total  # see VAE._loss_and_grad
         self.grads[...] = 0
         code = self.encoder.forward(x)
         x_hat = self.out_act.forward(self.decoder.forward(code))

@@ -81,8 +81,11 @@ def iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
     return _iwae_loss_and_grad(model, x, k, eps)
 
 
-def _iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
+def _iwae_loss_and_grad(model, x, k, eps=None, n_total=None) -> Loss:
     r""":func:`iwae_loss_and_grad` without input checks (``x`` on the model's device, in its dtype).
+
+    ``n_total`` is the batch size the sums over examples are divided by, as
+    in :meth:`VAE._loss_and_grad <scratchvae.model.VAE._loss_and_grad>`.
 
     The ``K`` samples of every example are stacked into ``(K * batch, ...)``
     rows, so the decoder runs once per step. With the noise fixed,
@@ -99,6 +102,7 @@ def _iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
     """
     xp, work, c = model.xp, model._work, model.log_var_bound
     K, (B, D), J = k, x.shape, model.latent_dim
+    n = B if n_total is None else n_total
     # forward
     mu, log_var = model._encode(x, work=work)  # (B, J) each; log_var = c tanh(h / c)
     if eps is None:
@@ -107,7 +111,8 @@ def _iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
     dec_out = model.decoder.forward(z.reshape(K * B, J), work=work)  # (K B, D or 2D)
     x_k = work.get("x_k", (K * B, D), x.dtype)  # x repeated for each of the K samples
     x_k.reshape(K, B, D)[...] = x
-    recon = model._recon_nll(dec_out, x_k).reshape(K, B)  # -log p(x|z_k)
+    recon, d_dec_out = model._recon_nll_and_grad(dec_out, x_k, work)  # -log p(x|z_k), d recon / d dec_out
+    recon = recon.reshape(K, B)
     log_pz = L.log_standard_normal(z)  # (K, B)
     log_qz = L.log_q_reparameterized(log_var, eps)  # (K, B)
     log_w = -recon + log_pz - log_qz  # (K, B)
@@ -116,15 +121,15 @@ def _iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
     w_sum = w_shift.sum(axis=0)  # (B,)
     w_norm = w_shift / w_sum  # (K, B), the self-normalised weights w~_k, summing to 1 over k
     bound = top + xp.log(w_sum) - math.log(K)  # (B,), L_K(x_b)
-    loss = -bound.mean()
-    recon_mean = (w_norm * recon).sum(axis=0).mean()
-    kl_mean = (w_norm * (log_qz - log_pz)).sum(axis=0).mean()
-    # backward (reverse order); d loss / d L_K(x_b) = -1/B and d L_K / d log w_k = w~_k
-    d_log_w = w_norm * (-1.0 / B)  # (K, B)
+    loss = -bound.sum() / n
+    recon_mean = (w_norm * recon).sum(axis=0).sum() / n
+    kl_mean = (w_norm * (log_qz - log_pz)).sum(axis=0).sum() / n
+    # backward (reverse order); d loss / d L_K(x_b) = -1/n and d L_K / d log w_k = w~_k
+    d_log_w = w_norm * (-1.0 / n)  # (K, B)
     d_log_qz = -d_log_w
     d_log_pz = d_log_w
     d_recon = -d_log_w
-    d_dec_out = model._recon_nll_backward(dec_out, x_k, d_recon.reshape(K * B))
+    d_dec_out *= d_recon.reshape(K * B, 1)
     d_z = model.decoder.backward(d_dec_out, work=work).reshape(K, B, J)
     d_z += d_log_pz[..., None] * (-z)  # z feeds the decoder and log p(z): gradients add
     d_mu, d_log_var = L.reparameterize_backward(d_z, eps, sigma)  # (K, B, J) each

@@ -4,6 +4,11 @@ Both take any object with ``params`` and ``grads`` (1-D arrays of equal
 length, as :class:`~scratchvae.model.VAE` exposes) and update ``params`` in
 place from ``grads``. Their state is plain arrays, returned by
 :meth:`state_dict` for checkpoints.
+
+``step()`` is ``t += 1`` followed by ``update(slice(None))``. The update of
+any slice of the buffer depends only on that slice, so
+:class:`~scratchvae.parallel.ParallelStep` advances ``t`` once and lets
+each thread ``update`` its own slice.
 """
 
 from __future__ import annotations
@@ -45,13 +50,17 @@ class SGD:
 
     def step(self):
         """One update of ``params`` in place from the current ``grads``."""
-        g = self.grads
-        if self.weight_decay:
-            g = g + self.weight_decay * self.params
-        self.velocity *= self.momentum
-        self.velocity += g
-        self.params -= self.lr * self.velocity
         self.t += 1
+        self.update(slice(None))
+
+    def update(self, part: slice):
+        """Update ``params[part]`` from ``grads[part]`` (the step count ``t`` is left alone)."""
+        p, g, velocity = self.params[part], self.grads[part], self.velocity[part]
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        velocity *= self.momentum
+        velocity += g
+        p -= self.lr * velocity
 
     def state_dict(self):
         """``{"t": steps taken, "velocity": array like params}`` (live arrays, not copies)."""
@@ -99,29 +108,36 @@ class Adam:
 
     def step(self):
         """One update of ``params`` in place from the current ``grads`` (12 passes, no allocation)."""
-        xp, tmp = get_array_module(self.params), self._tmp  # every pass writes into a kept buffer
-        g = self.grads
-        if self.weight_decay:
-            g = g + self.weight_decay * self.params
         self.t += 1
+        self.update(slice(None))
+
+    def update(self, part: slice):
+        """Update ``params[part]`` from ``grads[part]`` at the current step count ``t`` (not advanced)."""
+        xp = get_array_module(self.params)
+        # every pass writes into a kept buffer
+        p, g, m, v, tmp = (a[part] for a in (self.params, self.grads, self.m, self.v, self._tmp))
+        if self.weight_decay:
+            g = g + self.weight_decay * p
         b1, b2, t = self.beta1, self.beta2, self.t
+        if t < 1:
+            raise ValueError("Adam.update needs t >= 1 (step() advances t, then updates)")
         # m += (1 - b1) (g - m)   is   m = b1 m + (1 - b1) g
-        xp.subtract(g, self.m, out=tmp)
+        xp.subtract(g, m, out=tmp)
         tmp *= 1.0 - b1
-        self.m += tmp
+        m += tmp
         # v += (1 - b2) (g^2 - v)   is   v = b2 v + (1 - b2) g^2
         xp.multiply(g, g, out=tmp)
-        tmp -= self.v
+        tmp -= v
         tmp *= 1.0 - b2
-        self.v += tmp
+        v += tmp
         # params -= step_size * m / (sqrt(v) + eps_hat)
         bc2 = math.sqrt(1.0 - b2**t)
         step_size = self.lr * bc2 / (1.0 - b1**t)
-        xp.sqrt(self.v, out=tmp)
+        xp.sqrt(v, out=tmp)
         tmp += self.eps * bc2
-        xp.divide(self.m, tmp, out=tmp)
+        xp.divide(m, tmp, out=tmp)
         tmp *= step_size
-        self.params -= tmp
+        p -= tmp
 
     def state_dict(self):
         """``{"t": steps taken, "m", "v": moment arrays like params}`` (live arrays, not copies)."""

@@ -30,12 +30,11 @@ from . import images
 from ._files import atomic_write
 from .backend import Generator, backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
-from .evaluate import iwae_bound
+from .evaluate import check_k, iwae_bound
 from .layers import Workspace
 from .model import VAE
-from .evaluate import check_k
-from .objectives import _iwae_loss_and_grad
 from .optim import OPTIMIZERS
+from .parallel import ParallelStep
 
 STREAM_DATA, STREAM_EVAL = 2, 3  # generator streams of the run's seed (0, 1 belong to the model)
 CHECKPOINT = "checkpoint.npz"
@@ -99,6 +98,7 @@ class TrainConfig:
     test_size: int | None = None
     checkpoint_every: int = 0  # also save every N steps inside an epoch (0: only at epoch ends)
     progress: bool | None = None  # None: show a progress line when stderr is a terminal
+    threads: int | None = None  # threads of the training step (None: one per CPU on numpy; see ParallelStep)
 
     # Fields that must agree between a run and its resumption.
     RESUME_KEYS = (
@@ -131,6 +131,10 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, (int, np.integer)) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         check_k(self.k)
@@ -360,6 +364,7 @@ class Run:
             activation=cfg.activation, init=cfg.init, backend=backend_name(self.xp), dtype=cfg.dtype, seed=cfg.seed,
         )  # fmt: skip
         self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr)
+        self._step_fn = None
         self.data_rng = Generator(cfg.seed, np, stream=STREAM_DATA)
         self.epoch, self.step = 1, 0  # next epoch to run (1-based) and next step within it
         self.perm = None
@@ -367,6 +372,14 @@ class Run:
         self.history = []
         self.notes = None  # how the last pictures were rendered (see write_pictures)
         self._batch_work = Workspace(np)  # the host float buffer each minibatch is converted into
+
+    @property
+    def step_fn(self) -> ParallelStep:
+        """The training step: loss, gradient and update of ``opt`` (rebuilt if ``opt`` is replaced)."""
+        if self._step_fn is None or self._step_fn.optimizer is not self.opt:
+            cfg = self.cfg
+            self._step_fn = ParallelStep(self.model, self.opt, threads=cfg.threads, objective=cfg.objective, k=cfg.k)
+        return self._step_fn
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -433,7 +446,7 @@ class Run:
 
     def train_epoch(self, stop) -> dict:
         """Run (the rest of) the current epoch; returns its metrics dict."""
-        cfg, model, opt = self.cfg, self.model, self.opt
+        cfg, model = self.cfg, self.model
         n, bs = len(self.train_x), cfg.batch_size
         n_steps = -(-n // bs)
         if self.step == 0:
@@ -457,16 +470,18 @@ class Run:
             pending.clear()
             bar.update(min(self.step * bs, n), self.stats.loss / max(self.stats.n, 1))
 
+        step_fn = self.step_fn
         try:
+            step_fn.open()  # helper threads, BLAS on one thread each, until the epoch ends
             while self.step < n_steps:
                 idx = self.perm[self.step * bs : (self.step + 1) * bs]
                 host = self._batch_work.get("x", (len(idx), self.train_x.shape[1]), model.dtype)  # reused
                 xb = D.to_float_batch(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype, out=host)
                 xb = to_device(xb, self.xp)
-                pending.append((len(idx), self._loss_and_grad(xb, (self.epoch - 1) * n_steps + self.step, n_steps)))
+                beta = cfg.beta_at((self.epoch - 1) * n_steps + self.step, n_steps)
+                pending.append((len(idx), step_fn._step(xb, beta)))  # loss and gradient, then the update
                 if len(pending) >= check_every or self.step == n_steps - 1:
                     flush()
-                opt.step()
                 self.step += 1
                 interrupted = stop()
                 if interrupted or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
@@ -478,18 +493,13 @@ class Run:
                 if interrupted:
                     raise _Interrupted
         finally:
+            step_fn.close()
             self.stats.seconds += time.perf_counter() - t0
             bar.close()
         s = self.stats
         return {"train_loss": s.loss / s.n, "train_recon": s.recon / s.n, "train_kl": s.kl / s.n,
                 "beta": cfg.beta_at(self.epoch * n_steps - 1, n_steps),  # the KL weight of the epoch's last step
                 "seconds": s.seconds, "examples_per_s": s.n / max(s.seconds, 1e-9)}  # fmt: skip
-
-    def _loss_and_grad(self, xb, t, steps_per_epoch):
-        """The configured objective's loss (a :class:`~scratchvae.model.Loss`) and gradient at the run's step ``t``."""
-        if self.cfg.objective == "iwae":
-            return _iwae_loss_and_grad(self.model, xb, self.cfg.k)
-        return self.model._loss_and_grad(xb, None, self.cfg.beta_at(t, steps_per_epoch))
 
     def run(self) -> list:
         """Train to ``cfg.epochs``; returns the per-epoch metrics."""

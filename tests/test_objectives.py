@@ -216,12 +216,13 @@ def quiet(*_):
 
 
 def spy_on_steps(run):
-    """Record every training step's ``(params, x, eps, beta, loss, grads)`` of an ELBO run."""
+    """Record every training step's ``(params, x, eps, beta, loss, grads)`` of an ELBO run on one thread."""
     model, calls = run.model, []
     original = model._loss_and_grad
+    assert run.step_fn.threads == 1  # the whole batch goes through model._loss_and_grad
 
-    def step(xb, eps=None, beta=1.0):
-        assert eps is None  # the trainer lets the model draw its noise; draw it here the same way
+    def step(xb, eps=None, beta=1.0, n_total=None):
+        assert eps is None and n_total is None  # the model draws its noise; draw it here the same way
         eps = model.rng.normal((xb.shape[0], model.latent_dim), model.dtype)
         params = to_numpy(model.params).copy()
         out = original(xb, eps, beta)
@@ -233,7 +234,7 @@ def spy_on_steps(run):
 
 
 def test_kl_warmup_ramps_beta_per_step_and_the_gradient_follows(tmp_path):
-    cfg = small_config(tmp_path, epochs=3, beta=0.5, kl_warmup=2)  # 8 warm-up steps
+    cfg = small_config(tmp_path, epochs=3, beta=0.5, kl_warmup=2, threads=1)  # 8 warm-up steps
     run = Run(cfg, log=quiet)
     calls = spy_on_steps(run)
     history = run.run()
@@ -265,7 +266,7 @@ def test_kl_warmup_ramps_beta_per_step_and_the_gradient_follows(tmp_path):
 def test_beta_scales_the_kl_term_of_the_training_step(tmp_path):
     """A constant beta: every step gets it; beta = 0 trains on the reconstruction term alone."""
     for beta in (0.0, 2.5):
-        run = Run(small_config(tmp_path, name=f"b{beta}", epochs=1, beta=beta), log=quiet)
+        run = Run(small_config(tmp_path, name=f"b{beta}", epochs=1, beta=beta, threads=1), log=quiet)
         calls = spy_on_steps(run)
         (row,) = run.run()
         assert [c[3] for c in calls] == [beta] * 4 and row["beta"] == beta
@@ -273,18 +274,18 @@ def test_beta_scales_the_kl_term_of_the_training_step(tmp_path):
 
 
 def test_iwae_objective_in_the_trainer(tmp_path, monkeypatch):
-    from scratchvae import train as T
+    from scratchvae import parallel
 
     seen = []
-    original = T._iwae_loss_and_grad
+    original = parallel._iwae_loss_and_grad
 
-    def step(model, xb, k, eps=None):
-        out = original(model, xb, k, eps)
+    def step(model, xb, k, eps=None, n_total=None):
+        out = original(model, xb, k, eps, n_total)
         seen.append((k, xb.shape[0], float(out.loss)))
         return out
 
-    monkeypatch.setattr(T, "_iwae_loss_and_grad", step)
-    run = Run(small_config(tmp_path, epochs=1, objective="iwae", k=3), log=quiet)
+    monkeypatch.setattr(parallel, "_iwae_loss_and_grad", step)
+    run = Run(small_config(tmp_path, epochs=1, objective="iwae", k=3, threads=1), log=quiet)
     (row,) = run.run()
     assert [s[:2] for s in seen] == [(3, 64)] * 4
     assert row["train_loss"] == pytest.approx(np.mean([s[2] for s in seen]), rel=1e-9)  # the objective optimised

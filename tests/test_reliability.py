@@ -340,14 +340,15 @@ def test_nan_injected_into_the_parameters_keeps_the_last_good_checkpoint(every, 
     monkeypatch.setattr(T, "save_checkpoint", spy)
     cfg = small_config(tmp_path / "run", epochs=3, batch_size=64, binarize="none", checkpoint_every=every)
     run = T.Run(cfg, log=quiet)
-    update = run.opt.step
+    step = run.step_fn._step  # loss, gradient and update (on every thread the run uses)
 
-    def faulty_update():
-        update()
+    def faulty_step(x, beta=1.0):
+        out = step(x, beta)
         if (run.epoch, run.step + 1) == (2, at_step):
             run.model.params[7] = np.nan
+        return out
 
-    run.opt.step = faulty_update
+    run.step_fn._step = faulty_step
     with pytest.raises(T.TrainingDiverged, match=rf"{guard} .*epoch 2, step {at_step}\b"):
         run.run()
     path = tmp_path / "run" / T.CHECKPOINT

@@ -1,0 +1,264 @@
+r"""One training step (loss, gradient, optimiser update) split over CPU threads by rows of the batch.
+
+The loss is a mean over the batch, so it splits exactly over any partition of
+the rows :math:`R_1, \dots, R_n`:
+
+.. math::
+    L = \frac1B\sum_{b=1}^B \ell_b = \sum_{r=1}^n L_r,\qquad
+    L_r = \frac1B\sum_{b\in R_r}\ell_b,\qquad
+    \nabla_\theta L = \sum_{r=1}^n \nabla_\theta L_r
+
+Thread ``r`` runs the ordinary forward and backward pass on rows ``R_r`` with a
+replica of the model: the same parameter buffer, its own gradient buffer and
+work buffers (:meth:`VAE._replica <scratchvae.model._Model._replica>`), and
+writes :math:`\nabla_\theta L_r`. When every thread is done (one barrier),
+thread ``r`` adds the ``n`` gradient buffers over the ``r``-th slice of the
+flat parameter vector and lets the optimiser update that slice. No two
+threads write the same memory, and the result depends on the split but not
+on timing: a run with the same thread count is reproducible bit for bit.
+
+NumPy releases the GIL inside matrix products and ufuncs, so the threads
+compute at the same time. Meanwhile BLAS is held to one thread per caller:
+the threads already use the cores, and a multi-threaded BLAS would
+oversubscribe them (its idle workers also keep spinning on the cores for a
+while after each product).
+
+Why not leave the parallelism to BLAS? At small batches a step is not only
+matrix products: the loss, activations and the optimiser's passes over the
+whole parameter vector run on one core. Split by rows, all of it runs on
+every core. (``benchmarks/NOTES.md`` has the measurements.)
+
+>>> import numpy as np, scratchvae as sv
+>>> model = sv.VAE(784, seed=0)
+>>> opt = sv.Adam(model)
+>>> x = np.random.default_rng(0).random((128, 784), dtype=np.float32)
+>>> with sv.ParallelStep(model, opt, threads=2) as step:
+...     out = step(x)            # loss and gradient of the whole batch, then opt's update
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import threading
+
+import numpy as np
+
+from .backend import blas_threads, cpu_count, limit_blas_threads
+from .evaluate import check_k
+from .model import Loss
+from .objectives import _iwae_loss_and_grad
+
+MIN_ROWS = 32  # with fewer rows per thread, splitting costs more than it gains (benchmarks/NOTES.md)
+OBJECTIVES = ("elbo", "iwae")
+
+
+def default_threads(model) -> int:
+    """Threads a step of ``model`` uses by default: the CPUs available on NumPy, 1 on the GPU.
+
+    Also 1 where NumPy's BLAS thread count cannot be controlled
+    (:func:`~scratchvae.backend.blas_threads` is ``None``), since a
+    multi-threaded BLAS in every thread would oversubscribe the cores.
+    """
+    if model.xp is not np or blas_threads() is None:
+        return 1
+    return cpu_count()
+
+
+class _Helper:
+    """A thread that runs one task at a time, handed over by :class:`ParallelStep`."""
+
+    def __init__(self, name):
+        self.task, self.error = None, None
+        self.go, self.done = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            self.go.wait()
+            self.go.clear()
+            task, self.task = self.task, None
+            if task is None:  # the stop signal
+                return
+            try:
+                task()
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                self.error = exc
+            finally:
+                self.done.set()
+
+    def run(self, task):
+        self.error = None
+        self.task = task
+        self.go.set()
+
+    def wait(self):
+        self.done.wait()
+        self.done.clear()
+        return self.error
+
+    def stop(self):
+        self.task = None
+        self.go.set()
+        self.thread.join()
+
+
+class ParallelStep:
+    r"""A training step of ``model`` with ``optimizer``, split over ``threads`` threads.
+
+    ``step(x)`` computes the loss and gradient of the whole batch ``x`` (the
+    gradient ends up in ``model.grads``, as after ``model.loss_and_grad(x)``)
+    and then applies one ``optimizer`` update. The numbers are the serial
+    ones up to rounding (the sums over rows are added in another order).
+
+    Parameters
+    ----------
+    model : VAE
+    optimizer : Adam or SGD
+        Built on ``model``.
+    threads : int, optional
+        Default :func:`default_threads`. A batch is split over at most
+        ``rows // min_rows`` threads (``rows`` = batch, times ``k`` for
+        IWAE); with one, the step is the serial one.
+    objective : {"elbo", "iwae"}
+        Negative ELBO with the analytic KL (weighted by ``beta`` at each
+        call), or the IWAE bound with ``k`` samples.
+    k : int
+        Importance samples for ``objective="iwae"``.
+    min_rows : int
+        Fewest rows per thread.
+
+    Use it as a context manager (or call :meth:`close`): while it is open,
+    NumPy's BLAS runs on one thread per caller and ``threads - 1`` helper
+    threads wait for work; closing restores both. A call outside ``with``
+    opens it.
+    """
+
+    def __init__(self, model, optimizer, threads=None, objective="elbo", k=1, min_rows=MIN_ROWS):
+        if optimizer.params is not model.params:
+            raise ValueError("optimizer must be built on model (its params are another buffer)")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.k = check_k(k)
+        if objective == "elbo" and self.k != 1:
+            raise ValueError(f"objective 'elbo' uses one sample per example; k={k} needs objective 'iwae'")
+        threads = default_threads(model) if threads is None else threads
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        if isinstance(min_rows, bool) or not isinstance(min_rows, (int, np.integer)) or min_rows < 1:
+            raise ValueError(f"min_rows must be a positive int, got {min_rows!r}")
+        self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.threads = 1 if model.xp is not np else int(threads)  # on the GPU the device is the parallelism
+        self.min_rows = int(min_rows)
+        self.replicas = [model] + [model._replica() for _ in range(self.threads - 1)]
+        self._helpers = []
+        self._blas = None  # the open limit_blas_threads context
+        self._barriers = {}
+
+    # ---------------------------------------------------------------- opening and closing
+
+    def open(self):
+        """Start the helper threads and hold BLAS to one thread per caller (done by the first call too)."""
+        if self._blas is None and self.threads > 1:
+            self._blas = limit_blas_threads(1)
+            self._blas.__enter__()
+            self._helpers = [_Helper(f"scratchvae-step-{r}") for r in range(1, self.threads)]
+        return self
+
+    def close(self):
+        """Stop the helper threads and restore BLAS's thread count."""
+        for helper in self._helpers:
+            helper.stop()
+        self._helpers = []
+        if self._blas is not None:
+            blas, self._blas = self._blas, None
+            blas.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---------------------------------------------------------------- the step
+
+    def n_parts(self, batch: int) -> int:
+        """Threads a batch of ``batch`` rows is split over."""
+        rows = int(batch) * self.k
+        return max(1, min(self.threads, rows // self.min_rows, int(batch)))
+
+    def __call__(self, x, beta=1.0) -> Loss:
+        """Loss and gradient of the batch ``x`` ``(batch, input_dim)``, then one optimiser update.
+
+        ``x`` is checked as by :meth:`VAE.loss_and_grad
+        <scratchvae.model.VAE.loss_and_grad>`; ``beta`` weighs the KL (ELBO
+        objective only). Returns the :class:`~scratchvae.model.Loss` of the
+        whole batch (before the update).
+        """
+        model = self.model
+        x = model.check_input(x, bounded=model.likelihood == "bernoulli")
+        try:
+            beta = float(beta)
+        except (TypeError, ValueError):
+            beta = math.nan
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        return self._step(x, beta)
+
+    def _loss_and_grad(self, replica, x, eps, beta, n_total):
+        if self.objective == "iwae":
+            return _iwae_loss_and_grad(replica, x, self.k, eps, n_total)
+        return replica._loss_and_grad(x, eps, beta, n_total)
+
+    def _step(self, x, beta=1.0) -> Loss:
+        """:meth:`__call__` without input checks (``x`` on the model's device, in its dtype)."""
+        model, opt = self.model, self.optimizer
+        B = x.shape[0]
+        n = self.n_parts(B)
+        if n == 1:
+            loss = self._loss_and_grad(model, x, None, beta, None)
+            opt.step()
+            return loss
+        self.open()
+        eps_shape = (B, model.latent_dim) if self.objective == "elbo" else (self.k, B, model.latent_dim)
+        eps = model.rng.normal(eps_shape, model.dtype)  # the draw the serial step makes
+        rows = [slice(r * B // n, (r + 1) * B // n) for r in range(n)]
+        P = model.params.size
+        parts = [slice(r * P // n, (r + 1) * P // n) for r in range(n)]
+        barrier = self._barriers.get(n) or self._barriers.setdefault(n, threading.Barrier(n))
+        losses = [None] * n
+        updated = []
+
+        def work(r):
+            try:
+                e = eps[rows[r]] if self.objective == "elbo" else eps[:, rows[r]]
+                losses[r] = self._loss_and_grad(self.replicas[r], x[rows[r]], e, beta, B)
+                barrier.wait()  # every replica's gradient is written
+                updated.append(r)
+                g = model.grads[parts[r]]  # replica 0 is the model: its buffer takes the sum
+                for replica in self.replicas[1:n]:
+                    g += replica.grads[parts[r]]
+                opt.update(parts[r])
+            except BaseException:
+                barrier.abort()  # nobody waits forever for a thread that failed
+                raise
+
+        opt.t += 1
+        errors = []
+        try:
+            for r in range(1, n):  # each helper runs in a copy of the caller's context (np.errstate lives there)
+                self._helpers[r - 1].run(lambda r=r, context=contextvars.copy_context(): context.run(work, r))
+            work(0)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            errors += [e for e in (h.wait() for h in self._helpers[: n - 1]) if e is not None]
+        if errors:
+            if barrier.broken:
+                barrier.reset()
+            if not updated:
+                opt.t -= 1
+            # the first failure, not the broken barrier it caused elsewhere
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return Loss(*(sum(part[i] for part in losses) for i in range(3)))
