@@ -255,6 +255,18 @@ def blas_threads(info: dict) -> int:
     return cpu_count()
 
 
+def step_summary(info: dict) -> str:
+    """``step on 2 threads (BLAS on 1 each)`` or ``step on 1 thread``, from a scratchvae worker's info."""
+    t = info.get("step_threads") or 1
+    return f"step on {t} threads (BLAS on 1 each)" if t > 1 else "step on 1 thread"
+
+
+def cpus_used(info: dict) -> int:
+    """CPUs a scratchvae worker's steps use: their threads, or numpy's BLAS threads when they run on one."""
+    t = info.get("step_threads") or 1
+    return t if t > 1 else blas_threads(info)
+
+
 def blas_summary(info: dict) -> str:
     """One line: ``numpy 2.x, OpenBLAS 0.3.x (SkylakeX kernel, 2 threads)``."""
     runtime = info.get("blas_runtime")

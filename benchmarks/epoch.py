@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     blas_thread_env,
     blas_threads,
     cpu_model,
+    cpus_used,
     fmt,
     git_info,
     load_average,
@@ -51,6 +52,7 @@ from _common import (  # noqa: E402
     markdown_table,
     serve,
     slug,
+    step_summary,
     text_table,
     torch_available,
     use_checkout,
@@ -67,8 +69,8 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _scratch_worker(conn, backend, epochs):
-    """Run scratchvae's trainer for ``epochs`` in a temporary folder (one command: ``run``)."""
+def _scratch_worker(conn, backend, epochs, threads=None):
+    """Run scratchvae's trainer for ``epochs`` in a temporary folder (one command: ``run``); ``threads``: its steps'."""
     use_checkout()
     import tempfile
 
@@ -106,10 +108,13 @@ def _scratch_worker(conn, backend, epochs):
     timed(T, "write_pictures", "pictures")
     timed(T.Run, "save", "checkpoint")
 
+    tiny = scratchvae.VAE(2, (2,), 1, backend=backend)
+    step_threads = scratchvae.ParallelStep(tiny, scratchvae.Adam(tiny), threads=threads).threads
+
     def run():
         logs = []
         with tempfile.TemporaryDirectory(prefix="scratchvae-bench-") as tmp:
-            cfg = T.TrainConfig(epochs=epochs, out=tmp, progress=False, backend=backend)
+            cfg = T.TrainConfig(epochs=epochs, out=tmp, progress=False, backend=backend, threads=threads)
             t0 = time.perf_counter()
             history = T.train(cfg, log=logs.append)
             if xp is not np:
@@ -120,6 +125,7 @@ def _scratch_worker(conn, backend, epochs):
             "impl": f"scratchvae-{backend}", "wall_s": wall, "seconds": dict(seconds), "history": history,
             "log": logs, "config": cfg.to_json(), "scratchvae": scratchvae.__version__, "untimed": untimed,
             "rss_after_imports_mib": rss_imports, "peak_rss_mib": _max_rss_mib(), **numpy_info(),
+            "step_threads": step_threads,
         }  # fmt: skip
         if xp is np:
             out["device"] = cpu_model()
@@ -247,11 +253,15 @@ def parse_args(argv=None):
                    help="scratchvae backend (default: %(default)s); PyTorch runs on the CPU for numpy and on CUDA for cupy")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per implementation, alternating between them; the table shows medians (default: %(default)s)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads of scratchvae's training steps (the trainer's --threads; default: its own choice, "
+                        "one per CPU on numpy)")  # fmt: skip
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",
                    help="threads of numpy's BLAS in scratchvae's workers (default: the BLAS's own choice, "
-                        "normally one per CPU)")  # fmt: skip
+                        "normally one per CPU; steps on several threads hold BLAS to one thread each)")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                   help="PyTorch intra-op threads (default: the thread count of numpy's BLAS in scratchvae's worker)")  # fmt: skip
+                   help="PyTorch intra-op threads (default: as many CPUs as scratchvae's steps use: their "
+                        "threads, or numpy's BLAS threads when they run on one)")  # fmt: skip
     p.add_argument("--no-torch", action="store_true", help="run scratchvae only, even when PyTorch is importable")
     p.add_argument("--keep-openblas-env", action="store_true",
                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in the workers' environment "
@@ -264,7 +274,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:
         p.error("--epochs and --repeats must be at least 1")
-    for name in ("blas_threads", "torch_threads"):
+    for name in ("threads", "blas_threads", "torch_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -313,9 +323,9 @@ def main(argv=None):
         for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
             _log(f"run {r + 1}/{args.repeats}: {impl}, {args.epochs} epoch(s) ...")
             if impl == scratch:
-                res = _run_once(impl, _scratch_worker, (args.backend, args.epochs), unset,
+                res = _run_once(impl, _scratch_worker, (args.backend, args.epochs, args.threads), unset,
                                 blas_thread_env(args.blas_threads))  # fmt: skip
-                threads = threads or blas_threads(res)
+                threads = threads or cpus_used(res)
             else:
                 device = "cuda" if impl == "torch-cuda" else "cpu"
                 res = _run_once(impl, _torch_worker, (device, threads or blas_threads({}), args.epochs), unset)
@@ -376,7 +386,8 @@ def assemble(args, machine, env_note, notes, runs, threads):
     for impl, rs in runs.items():
         first = rs[0]
         if impl.startswith("scratchvae"):
-            infos[impl] = {k: first.get(k) for k in ("device", "scratchvae", "numpy", "blas_build", "blas_runtime", "config")}
+            infos[impl] = {k: first.get(k) for k in ("device", "scratchvae", "numpy", "blas_build", "blas_runtime",
+                                                     "config", "step_threads")}  # fmt: skip
         else:
             infos[impl] = {**first["torch_info"], "device": first["device"]}
     return {
@@ -384,7 +395,8 @@ def assemble(args, machine, env_note, notes, runs, threads):
         "what": "full MNIST training epochs with the trainer's default settings (batch 128, Adam 1e-3, float32)",
         "note": args.note,
         "settings": {"epochs": args.epochs, "repeats": args.repeats, "backend": args.backend,
-                     "blas_threads": args.blas_threads, "torch_threads": threads},  # fmt: skip
+                     "step_threads": args.threads, "blas_threads": args.blas_threads,
+                     "torch_threads": threads},  # fmt: skip
         "machine": machine,
         "openblas_env": env_note,
         "implementations": infos,
@@ -432,7 +444,8 @@ def _header_lines(results):
     lines = [f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}, Python {m['python']}"]
     for impl, info in results["implementations"].items():
         if impl.startswith("scratchvae"):
-            lines.append(f"{impl}: scratchvae {info['scratchvae']}, {blas_summary(info)} on {info['device']}")
+            lines.append(f"{impl}: scratchvae {info['scratchvae']}, {step_summary(info)}, {blas_summary(info)} "
+                         f"on {info['device']}")  # fmt: skip
         else:
             lines.append(f"{impl}: torch {info['torch']} ({info.get('blas')}, {info['threads']} threads) on {info['device']}")
     env = results["openblas_env"]

@@ -47,8 +47,8 @@ from _common import (  # noqa: E402
     WorkerError,
     blas_summary,
     blas_thread_env,
-    blas_threads,
     cpu_model,
+    cpus_used,
     fmt,
     git_info,
     load_average,
@@ -56,6 +56,7 @@ from _common import (  # noqa: E402
     markdown_table,
     serve,
     slug,
+    step_summary,
     summarize,
     text_table,
     torch_available,
@@ -204,8 +205,8 @@ def _common_handlers(cases, matmul, empty, rand, layers, roofline_time, gpu):
 
 
 
-def _scratch_worker(conn, backend, min_time, warmup, roofline_time):
-    """Worker for scratchvae on ``backend`` ("numpy" or "cupy")."""
+def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None):
+    """Worker for scratchvae on ``backend`` ("numpy" or "cupy"); ``threads``: the step's (None: its default)."""
     use_checkout()
     import numpy as np
 
@@ -225,22 +226,33 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time):
             backend=backend, dtype="float32", seed=0,
         )  # fmt: skip
 
+    open_steps = []  # a ParallelStep holds BLAS to one thread while open: closed after each round
+
     def make_step(batch):
         model = make_model()
         opt = sv.Adam(model, lr=LR)
         x = to_device(to_float_batch(images[:batch], "none", dtype=np.float32), xp)
+        parallel = sv.ParallelStep(model, opt, threads=threads)  # what the trainer runs
+        open_steps.append(parallel)
 
         def step():
-            model._loss_and_grad(x)  # fresh eps from the model's generator, as in training
-            opt.step()
+            parallel._step(x)  # fresh eps from the model's generator, as in training
 
         return step
+
+    def time_step(batch):
+        try:
+            return cases.time(("step", batch), lambda: make_step(batch))
+        finally:
+            for parallel in open_steps:
+                parallel.close()
 
     def info():
         model = make_model()
         layers = [(d.n_in, d.n_out) for d in model.encoder.dense + model.decoder.dense]
+        parallel = sv.ParallelStep(model, sv.Adam(model), threads=threads)
         out = {"impl": f"scratchvae-{backend}", "backend": backend, "layers": layers, "n_params": model.n_params,
-               "scratchvae": sv.__version__, **numpy_info()}  # fmt: skip
+               "scratchvae": sv.__version__, "step_threads": parallel.threads, **numpy_info()}  # fmt: skip
         if xp is np:
             out["device"] = cpu_model()
         else:
@@ -259,8 +271,16 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time):
         cases, xp.matmul, lambda s: xp.empty(s, dtype=np.float32), rand, layers, roofline_time, xp is not np
     )
     handlers["info"] = info
-    handlers["step"] = lambda batch: cases.time(("step", batch), lambda: make_step(batch))
-    handlers["profile"] = lambda batch, seconds, top: _profile(make_step(batch), sync, seconds, top)
+    handlers["step"] = time_step
+
+    def profile(batch, seconds, top):
+        try:
+            return _profile(make_step(batch), sync, seconds, top)
+        finally:
+            for parallel in open_steps:
+                parallel.close()
+
+    handlers["profile"] = profile
     serve(conn, handlers)
 
 
@@ -421,11 +441,15 @@ def parse_args(argv=None):
                    help="untimed steps for at least S seconds before the first round (default: %(default)s)")  # fmt: skip
     p.add_argument("--roofline-time", type=float, default=0.2, metavar="S",
                    help="seconds per matmul shape and round when measuring the peak rate (default: %(default)s)")  # fmt: skip
+    p.add_argument("--threads", type=_positive_ints, default=None, metavar="N,N,...",
+                   help="threads of scratchvae's training step (scratchvae.ParallelStep; default: its own choice, "
+                        "one per CPU on numpy); several values time one numpy worker each, named scratchvae-numpy-tN")  # fmt: skip
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",
                    help="threads of numpy's BLAS in scratchvae's workers (default: the BLAS's own choice, "
-                        "normally one per CPU)")  # fmt: skip
+                        "normally one per CPU; a step on several threads holds BLAS to one thread each)")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                   help="PyTorch intra-op threads (default: the thread count of numpy's BLAS in its worker)")  # fmt: skip
+                   help="PyTorch intra-op threads (default: as many CPUs as the first scratchvae-numpy worker's "
+                        "step uses: its step threads, or its BLAS threads when the step runs on one)")  # fmt: skip
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is importable")
     p.add_argument("--keep-openblas-env", action="store_true",
                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in the workers' environment "
@@ -479,7 +503,8 @@ def _log(msg):
 
 
 def run_profile(args, unset):
-    w = Worker("scratchvae-numpy", _scratch_worker, ("numpy", args.min_time, args.warmup, args.roofline_time),
+    threads = args.threads[0] if args.threads else None
+    w = Worker("scratchvae-numpy", _scratch_worker, ("numpy", args.min_time, args.warmup, args.roofline_time, threads),
                unset, blas_thread_env(args.blas_threads))  # fmt: skip
     try:
         info = w.call("info")
@@ -490,7 +515,8 @@ def run_profile(args, unset):
     finally:
         w.close()
     lines = [
-        f"scratchvae-numpy, batch {args.profile}, {info['device']}, {blas_summary(info)}",
+        f"scratchvae-numpy, batch {args.profile}, {info['device']}, {step_summary(info)}, {blas_summary(info)}",
+        "(with a step on several threads, cProfile sees the calling thread's share)",
         f"load average {load_average()}",
         f"unprofiled step {1e3 * step['seconds']:.2f} ms; the step's 11 matmuls alone {1e3 * gemm['seconds']:.2f} ms "
         f"({100 * gemm['seconds'] / step['seconds']:.0f}% of the step), everything else "
@@ -535,15 +561,18 @@ def main(argv=None):
     workers, infos = {}, {}
     try:
         for backend in backends:
-            w = Worker(f"scratchvae-{backend}", _scratch_worker, (backend, *timing), unset,
-                       blas_thread_env(args.blas_threads))  # fmt: skip
-            workers[w.name] = w
-            infos[w.name] = w.call("info")
+            step_threads = (args.threads or [None]) if backend == "numpy" else [None]
+            for t in step_threads:
+                name = f"scratchvae-{backend}" + (f"-t{t}" if len(step_threads) > 1 else "")
+                w = Worker(name, _scratch_worker, (backend, *timing, t), unset, blas_thread_env(args.blas_threads))
+                workers[w.name] = w
+                infos[w.name] = w.call("info")
+                infos[w.name]["impl"] = name
         first = infos[next(iter(infos))]
         flops = step_flops_per_example(first["layers"])
         assert flops == EXPECTED_FLOPS_PER_EXAMPLE, f"counted {flops} FLOPs per example, expected 3.28e6"
         assert _gemm_flops(step_gemms(1, first["layers"])) == flops
-        threads = args.torch_threads or blas_threads(first)
+        threads = args.torch_threads or cpus_used(first)
         if use_torch:
             devices = ["cpu"] if "numpy" in backends else []
             devices += ["cuda"] if "cupy" in backends else []
@@ -629,7 +658,8 @@ def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n
         "note": args.note,
         "settings": {"batch_sizes": args.batch_sizes, "repeats": args.repeats, "min_time_s": args.min_time,
                      "warmup_s": args.warmup, "roofline_time_s": args.roofline_time,
-                     "blas_threads": args.blas_threads, "torch_threads": threads},  # fmt: skip
+                     "step_threads": args.threads, "blas_threads": args.blas_threads,
+                     "torch_threads": threads},  # fmt: skip
         "flops_per_example": flops,
         "machine": machine,
         "openblas_env": env_note,
@@ -673,7 +703,7 @@ def _header_lines(results):
                          f"CPU capability {info.get('cpu_capability')}){extra}")  # fmt: skip
         else:
             extra = f", {info['device']}, cupy {info.get('cupy')}" if info["backend"] == "cupy" else ""
-            lines.append(f"{name}: scratchvae {info['scratchvae']}, {blas_summary(info)}{extra}")
+            lines.append(f"{name}: scratchvae {info['scratchvae']}, {step_summary(info)}, {blas_summary(info)}{extra}")
     env = results["openblas_env"]
     if env["found"]:
         lines.append(f"OpenBLAS environment {env['found']} {'removed in workers' if env['unset_for_workers'] else 'kept'}")
