@@ -1,8 +1,9 @@
 r"""Training-step throughput of scratchvae against PyTorch, with the machine's matmul roofline.
 
-One *step* is what the trainer does per minibatch: ``model._loss_and_grad(x)``
-(forward, hand-written backward, gradients into the flat buffer) then
-``opt.step()`` (Adam, lr 1e-3), for the 784-400-20 VAE (ReLU, Bernoulli
+One *step* is what the trainer does per minibatch: ``ParallelStep._step(x)``
+(forward, hand-written backward, gradients into the flat buffer, then the
+Adam update, lr 1e-3; split over ``--threads`` threads by rows of the batch,
+as in the trainer), for the 784-400-20 VAE (ReLU, Bernoulli
 likelihood from logits, float32) on a fixed batch of real MNIST grey levels,
 with fresh reparameterization noise every step. PyTorch runs the same model
 and loss (``torch_vae.TorchVAE``) with autograd and ``torch.optim.Adam``.
