@@ -255,7 +255,7 @@ def parse_args(argv=None):
                    help="runs per implementation, alternating between them; the table shows medians (default: %(default)s)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads of scratchvae's training steps (the trainer's --threads; default: its own choice, "
-                        "one per CPU on numpy)")  # fmt: skip
+                        "one per CPU, at most 8, on numpy)")  # fmt: skip
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",
                    help="threads of numpy's BLAS in scratchvae's workers (default: the BLAS's own choice, "
                         "normally one per CPU; steps on several threads hold BLAS to one thread each)")  # fmt: skip

@@ -444,7 +444,7 @@ def parse_args(argv=None):
                    help="seconds per matmul shape and round when measuring the peak rate (default: %(default)s)")  # fmt: skip
     p.add_argument("--threads", type=_positive_ints, default=None, metavar="N,N,...",
                    help="threads of scratchvae's training step (scratchvae.ParallelStep; default: its own choice, "
-                        "one per CPU on numpy); several values time one numpy worker each, named scratchvae-numpy-tN")  # fmt: skip
+                        "one per CPU, at most 8, on numpy); several values time one numpy worker each, named scratchvae-numpy-tN")  # fmt: skip
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",
                    help="threads of numpy's BLAS in scratchvae's workers (default: the BLAS's own choice, "
                         "normally one per CPU; a step on several threads holds BLAS to one thread each)")  # fmt: skip

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run")  # fmt: skip
     t.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads of each training step: the batch is split over them by rows, and BLAS "
-                        "runs on one thread in each (default: one per CPU on numpy; the GPU uses 1). Another "
+                        "runs on one thread in each (default: one per CPU, at most 8, on numpy; the GPU uses 1). Another "
                         "count changes results by rounding only")  # fmt: skip
     t.add_argument("--train-size", type=positive_int, default=None, help="use only the first N training images")
     t.add_argument("--test-size", type=positive_int, default=None, help="use only the first N test images")

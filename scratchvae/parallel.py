@@ -50,11 +50,12 @@ from .model import Loss
 from .objectives import _iwae_loss_and_grad
 
 MIN_ROWS = 32  # with fewer rows per thread, splitting costs more than it gains (benchmarks/NOTES.md)
+MAX_DEFAULT_THREADS = 8  # each thread beyond the first keeps a gradient buffer as large as the model
 OBJECTIVES = ("elbo", "iwae")
 
 
 def default_threads(model) -> int:
-    """Threads a step of ``model`` uses by default: the CPUs available on NumPy, 1 on the GPU.
+    """Threads a step of ``model`` uses by default: the CPUs available (at most 8) on NumPy, 1 on the GPU.
 
     Also 1 where NumPy's BLAS thread count cannot be controlled
     (:func:`~scratchvae.backend.blas_threads` is ``None``), since a
@@ -62,7 +63,7 @@ def default_threads(model) -> int:
     """
     if model.xp is not np or blas_threads() is None:
         return 1
-    return cpu_count()
+    return min(cpu_count(), MAX_DEFAULT_THREADS)
 
 
 class _Helper:
@@ -86,6 +87,7 @@ class _Helper:
             except BaseException as exc:  # handed to the caller, which re-raises it
                 self.error = exc
             finally:
+                task = None  # the task refers to its step: waiting here must not keep the step alive
                 self.done.set()
 
     def run(self, task):
@@ -96,7 +98,8 @@ class _Helper:
     def wait(self):
         self.done.wait()
         self.done.clear()
-        return self.error
+        error, self.error = self.error, None  # its traceback refers to the step: do not keep it here
+        return error
 
     def stop(self):
         self.task = None
@@ -151,7 +154,7 @@ class ParallelStep:
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.threads = 1 if model.xp is not np else int(threads)  # on the GPU the device is the parallelism
         self.min_rows = int(min_rows)
-        self.replicas = [model] + [model._replica() for _ in range(self.threads - 1)]
+        self.replicas = [model]  # one per part of a batch, made when first needed
         self._helpers = []
         self._blas = None  # the open limit_blas_threads context
         self._barriers = {}
@@ -180,6 +183,12 @@ class ParallelStep:
 
     def __exit__(self, *exc):
         self.close()
+
+    def __del__(self):  # a step dropped while open still stops its threads and restores BLAS
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: threads and modules may be gone already
+            pass
 
     # ---------------------------------------------------------------- the step
 
@@ -221,6 +230,8 @@ class ParallelStep:
             opt.step()
             return loss
         self.open()
+        while len(self.replicas) < n:
+            self.replicas.append(model._replica())
         eps_shape = (B, model.latent_dim) if self.objective == "elbo" else (self.k, B, model.latent_dim)
         eps = model.rng.normal(eps_shape, model.dtype)  # the draw the serial step makes
         rows = [slice(r * B // n, (r + 1) * B // n) for r in range(n)]

@@ -98,7 +98,7 @@ class TrainConfig:
     test_size: int | None = None
     checkpoint_every: int = 0  # also save every N steps inside an epoch (0: only at epoch ends)
     progress: bool | None = None  # None: show a progress line when stderr is a terminal
-    threads: int | None = None  # threads of the training step (None: one per CPU on numpy; see ParallelStep)
+    threads: int | None = None  # threads of the training step (None: one per CPU, at most 8, on numpy; see ParallelStep)
 
     # Fields that must agree between a run and its resumption.
     RESUME_KEYS = (

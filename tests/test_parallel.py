@@ -8,6 +8,7 @@ objectives, uneven splits and more threads than CPUs.
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import numpy as np
@@ -181,7 +182,11 @@ def test_inputs_and_arguments_are_checked():
 def test_a_failing_thread_raises_its_error_and_the_step_can_go_on(monkeypatch):
     (m1, o1), (m2, o2) = pair()
     x = batch(8)
+    ParallelStep(m1, o1, threads=1)(x)  # the serial run to compare the recovered one with
     with ParallelStep(m2, o2, threads=2, min_rows=1) as step:
+        assert step.replicas == [m2]  # replicas are made when a batch first needs them
+        step(x)
+        assert len(step.replicas) == 2
         before = m2.params.copy()
         replica = step.replicas[1]
         original = replica._loss_and_grad
@@ -193,7 +198,7 @@ def test_a_failing_thread_raises_its_error_and_the_step_can_go_on(monkeypatch):
         with pytest.raises(RuntimeError, match="replica failed"):  # not the broken barrier it leaves behind
             step(x)
         np.testing.assert_array_equal(m2.params, before)
-        assert o2.t == 0
+        assert o2.t == 1
         monkeypatch.setattr(replica, "_loss_and_grad", original)
         m2.rng = m1.rng = FixedNoise(np.random.default_rng(0).standard_normal((8, 3)))
         step(x)  # the barrier was reset: the next step runs
@@ -234,9 +239,20 @@ def test_open_close_start_and_stop_helpers_and_hold_blas_to_one_thread():
     assert threading.active_count() == before_threads and B.blas_threads() == before_blas
 
 
+def test_a_dropped_open_step_stops_its_threads_and_restores_blas():
+    (m, o), _ = pair()
+    before_threads, before_blas = threading.active_count(), B.blas_threads()
+    step = ParallelStep(m, o, threads=3).open()
+    step(batch(200))
+    assert threading.active_count() == before_threads + 2
+    del step
+    gc.collect()
+    assert threading.active_count() == before_threads and B.blas_threads() == before_blas
+
+
 def test_default_threads():
     (m, o), _ = pair()
-    expected = 1 if B.blas_threads() is None else B.cpu_count()
+    expected = 1 if B.blas_threads() is None else min(B.cpu_count(), 8)
     assert default_threads(m) == expected == ParallelStep(m, o).threads
 
 
