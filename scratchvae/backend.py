@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -148,30 +149,41 @@ _BLAS_THREAD_FUNCTIONS = (
     ("openblas_set_num_threads", "openblas_get_num_threads"),
     ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
 )
-_blas_functions = None  # (set, get) once looked up; False when there are none
+_blas_functions = None  # [(set, get), ...] once looked up
 
 
 def _loaded_libraries():
     """Paths of the shared libraries loaded into this process (Linux: from /proc/self/maps)."""
     try:
         with open("/proc/self/maps") as f:
-            fields = [line.split() for line in f]
+            lines = f.read().splitlines()
     except OSError:  # no /proc (macOS, Windows): not supported, callers fall back
         return []
-    return list(dict.fromkeys(f[-1] for f in fields if len(f) >= 6 and ".so" in f[-1]))
+    paths = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode path (which may hold spaces)
+        if len(fields) == 6 and ".so" in fields[5]:
+            paths.append(fields[5].removesuffix(" (deleted)"))
+    return list(dict.fromkeys(paths))
 
 
 def _blas_thread_functions():
-    """``(set, get)`` ctypes functions of NumPy's BLAS thread count, or ``None`` when there are none."""
+    """``[(set, get), ...]``: the thread-count functions of every BLAS loaded, NumPy's own first.
+
+    Other packages may bring their own copy of OpenBLAS (SciPy's wheels do);
+    limiting threads limits them all, and :func:`blas_threads` reads NumPy's.
+    """
     global _blas_functions
     if _blas_functions is None:
         import ctypes  # noqa: PLC0415
 
-        _blas_functions = False
-        names = ("blas", "mkl")
-        for path in _loaded_libraries():
-            if not any(n in os.path.basename(path).lower() for n in names):
-                continue
+        numpy_dir = os.path.dirname(np.__file__)
+        numpy_dirs = (numpy_dir + os.sep, os.path.join(os.path.dirname(numpy_dir), "numpy.libs") + os.sep)
+        names = [(p, os.path.basename(p).lower()) for p in _loaded_libraries()]
+        candidates = [p for p, name in names if name.startswith("lib") and ("blas" in name or "mkl" in name)]
+        candidates.sort(key=lambda p: not p.startswith(numpy_dirs))  # NumPy's own library first
+        found, seen = [], set()
+        for path in candidates:
             try:
                 lib = ctypes.CDLL(path)  # already loaded: the same handle, nothing new runs
             except OSError:
@@ -179,13 +191,15 @@ def _blas_thread_functions():
             for set_name, get_name in _BLAS_THREAD_FUNCTIONS:
                 setter, getter = getattr(lib, set_name, None), getattr(lib, get_name, None)
                 if setter is not None and getter is not None:
-                    setter.argtypes, setter.restype = [ctypes.c_int], None
-                    getter.argtypes, getter.restype = [], ctypes.c_int
-                    _blas_functions = (setter, getter)
+                    address = ctypes.cast(setter, ctypes.c_void_p).value
+                    if address not in seen:  # one library reached through two paths counts once
+                        seen.add(address)
+                        setter.argtypes, setter.restype = [ctypes.c_int], None
+                        getter.argtypes, getter.restype = [], ctypes.c_int
+                        found.append((setter, getter))
                     break
-            if _blas_functions:
-                break
-    return _blas_functions or None
+        _blas_functions = found
+    return _blas_functions
 
 
 def blas_threads() -> int | None:
@@ -195,33 +209,57 @@ def blas_threads() -> int | None:
     OpenBLAS builds and MKL, on Linux; ``None`` elsewhere.
     """
     functions = _blas_thread_functions()
-    return None if functions is None else int(functions[1]())
+    return int(functions[0][1]()) if functions else None
+
+
+def set_blas_threads_here(n: int) -> None:
+    """Set every BLAS's thread count to ``n`` from the calling thread, without restoring it.
+
+    For threads that exist only while a :func:`limit_blas_threads` block is
+    open: an OpenMP build of OpenBLAS keeps the count per calling thread.
+    """
+    for setter, _ in _blas_thread_functions():
+        setter(int(n))
+
+
+_limit_lock = threading.Lock()
+_limit_depth, _limit_saved = 0, []
 
 
 @contextlib.contextmanager
 def limit_blas_threads(n: int):
     """Run the ``with`` block with NumPy's BLAS on at most ``n`` threads, then restore the count.
 
-    The count is process-wide: every thread's matrix products see it. Yields
-    whether the limit could be applied (``False`` where :func:`blas_threads`
-    is ``None``; nothing changes then).
+    The count is process-wide: every thread's matrix products see it. Blocks
+    may overlap (two open steps): the counts in force before the first are
+    restored when the last one ends. Yields whether the limit could be
+    applied (``False`` where :func:`blas_threads` is ``None``; nothing
+    changes then).
     """
+    global _limit_depth, _limit_saved
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     functions = _blas_thread_functions()
-    if functions is None:
+    if not functions:
         yield False
         return
-    setter, getter = functions
-    before = int(getter())
-    if before > n:
-        setter(n)
+    with _limit_lock:
+        if _limit_depth == 0:
+            _limit_saved = [int(get()) for _, get in functions]
+        _limit_depth += 1
+        for setter, getter in functions:
+            if int(getter()) > n:
+                setter(n)
     try:
         yield True
     finally:
-        if before > n:
-            setter(before)
+        with _limit_lock:
+            _limit_depth -= 1
+            if _limit_depth == 0:
+                for (setter, getter), before in zip(functions, _limit_saved):
+                    if int(getter()) != before:
+                        setter(before)
 
 
 def cpu_count() -> int:

@@ -130,11 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/mnist", help="run folder for metrics, checkpoint and pictures (default runs/mnist)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (give the same flags as the first run); "
-                        "on the CPU, with the same --threads, the result is bitwise identical to an uninterrupted "
-                        "run")  # fmt: skip
+                        "on the CPU the result is bitwise identical to an uninterrupted run (it keeps the "
+                        "checkpoint's --threads unless given another)")  # fmt: skip
     t.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads of each training step: the batch is split over them by rows, and BLAS "
-                        "runs on one thread in each (default: one per CPU, at most 8, on numpy; the GPU uses 1). Another "
+                        "runs on one thread in each (default: one per CPU, at most 8, where numpy's BLAS thread count can "
+                        "be set, else 1; the GPU uses 1). --resume keeps the count of the checkpoint. Another "
                         "count changes results by rounding only")  # fmt: skip
     t.add_argument("--train-size", type=positive_int, default=None, help="use only the first N training images")
     t.add_argument("--test-size", type=positive_int, default=None, help="use only the first N test images")

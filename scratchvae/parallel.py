@@ -38,13 +38,12 @@ every core. (``benchmarks/NOTES.md`` has the measurements.)
 
 from __future__ import annotations
 
-import contextvars
 import math
 import threading
 
 import numpy as np
 
-from .backend import blas_threads, cpu_count, limit_blas_threads
+from .backend import blas_threads, cpu_count, limit_blas_threads, set_blas_threads_here
 from .evaluate import check_k
 from .model import Loss
 from .objectives import _iwae_loss_and_grad
@@ -67,43 +66,60 @@ def default_threads(model) -> int:
 
 
 class _Helper:
-    """A thread that runs one task at a time, handed over by :class:`ParallelStep`."""
+    """A thread that runs the tasks :class:`ParallelStep` hands it, one at a time.
+
+    Hand-overs are numbered: :meth:`wait` returns once the last task handed
+    over has finished, however often an exception (Ctrl-C) interrupted
+    earlier waits, so a step never returns while a helper still writes.
+    """
+
+    POLL_S = 0.5  # a wake-up lost to an exception between two statements is noticed this late at worst
 
     def __init__(self, name):
-        self.task, self.error = None, None
-        self.go, self.done = threading.Event(), threading.Event()
+        self.cond = threading.Condition()
+        self.task, self.error, self.handed, self.finished, self.stopping = None, None, 0, 0, False
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     def _loop(self):
+        set_blas_threads_here(1)  # OpenMP builds of OpenBLAS count threads per calling thread
+        seen = 0
         while True:
-            self.go.wait()
-            self.go.clear()
-            task, self.task = self.task, None
-            if task is None:  # the stop signal
-                return
+            with self.cond:
+                while self.handed == seen and not self.stopping:
+                    self.cond.wait(self.POLL_S)
+                if self.stopping:
+                    return
+                seen, task = self.handed, self.task
+            error = None
             try:
                 task()
             except BaseException as exc:  # handed to the caller, which re-raises it
-                self.error = exc
-            finally:
-                task = None  # the task refers to its step: waiting here must not keep the step alive
-                self.done.set()
+                error = exc
+            task = None  # the task refers to its step: waiting here must not keep the step alive
+            with self.cond:
+                self.error, self.finished = error, seen
+                self.cond.notify_all()
 
     def run(self, task):
-        self.error = None
-        self.task = task
-        self.go.set()
+        with self.cond:
+            self.task, self.error = task, None
+            self.handed += 1
+            self.cond.notify_all()
 
     def wait(self):
-        self.done.wait()
-        self.done.clear()
-        error, self.error = self.error, None  # its traceback refers to the step: do not keep it here
-        return error
+        """Wait until the last task handed over has finished; return its exception (or ``None``)."""
+        with self.cond:
+            while self.finished < self.handed:
+                self.cond.wait(self.POLL_S)
+            error, self.error = self.error, None  # its traceback refers to the step: do not keep it here
+            self.task = None
+            return error
 
     def stop(self):
-        self.task = None
-        self.go.set()
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
         self.thread.join()
 
 
@@ -133,9 +149,12 @@ class ParallelStep:
         Fewest rows per thread.
 
     Use it as a context manager (or call :meth:`close`): while it is open,
-    NumPy's BLAS runs on one thread per caller and ``threads - 1`` helper
-    threads wait for work; closing restores both. A call outside ``with``
-    opens it.
+    ``threads - 1`` helper threads wait for work and NumPy's BLAS runs on one
+    thread per caller (where its thread count can be set: see
+    :func:`~scratchvae.backend.blas_threads`); closing restores both. A call
+    outside ``with`` opens it. If a step is interrupted (an exception, Ctrl-C
+    in the calling thread), it still waits for its helpers to finish before
+    the exception goes on, so no thread writes the parameters afterwards.
     """
 
     def __init__(self, model, optimizer, threads=None, objective="elbo", k=1, min_rows=MIN_ROWS):
@@ -166,7 +185,12 @@ class ParallelStep:
         if self._blas is None and self.threads > 1:
             self._blas = limit_blas_threads(1)
             self._blas.__enter__()
-            self._helpers = [_Helper(f"scratchvae-step-{r}") for r in range(1, self.threads)]
+            try:
+                for r in range(1, self.threads):
+                    self._helpers.append(_Helper(f"scratchvae-step-{r}"))
+            except BaseException:
+                self.close()
+                raise
         return self
 
     def close(self):
@@ -255,16 +279,36 @@ class ParallelStep:
                 barrier.abort()  # nobody waits forever for a thread that failed
                 raise
 
+        for helper in self._helpers:  # normally idle; after an interrupted step, let its last task finish first
+            helper.wait()
+        helpers = self._helpers[: n - 1]
+        err = np.geterr()  # the caller's floating-point error handling, for the helpers too
+
+        def helper_work(r):
+            with np.errstate(**err):
+                work(r)
+
         opt.t += 1
-        errors = []
+        errors, started = [], []
         try:
-            for r in range(1, n):  # each helper runs in a copy of the caller's context (np.errstate lives there)
-                self._helpers[r - 1].run(lambda r=r, context=contextvars.copy_context(): context.run(work, r))
+            for r, helper in enumerate(helpers, start=1):
+                started.append(helper)
+                helper.run(lambda r=r: helper_work(r))
             work(0)
-        except BaseException as exc:
+        except BaseException as exc:  # also Ctrl-C: the helpers are let finish before it goes on
             errors.append(exc)
+            barrier.abort()
         finally:
-            errors += [e for e in (h.wait() for h in self._helpers[: n - 1]) if e is not None]
+            for helper in started:
+                while True:
+                    try:
+                        error = helper.wait()
+                        break
+                    except BaseException as exc:  # interrupted while waiting: keep waiting, raise it after
+                        errors.append(exc)
+                        barrier.abort()
+                if error is not None:
+                    errors.append(error)
         if errors:
             if barrier.broken:
                 barrier.reset()

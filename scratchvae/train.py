@@ -365,6 +365,7 @@ class Run:
         )  # fmt: skip
         self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr)
         self._step_fn = None
+        self._threads = cfg.threads  # None: the default, or on --resume the count the checkpoint was written with
         self.data_rng = Generator(cfg.seed, np, stream=STREAM_DATA)
         self.epoch, self.step = 1, 0  # next epoch to run (1-based) and next step within it
         self.perm = None
@@ -375,10 +376,12 @@ class Run:
 
     @property
     def step_fn(self) -> ParallelStep:
-        """The training step: loss, gradient and update of ``opt`` (rebuilt if ``opt`` is replaced)."""
-        if self._step_fn is None or self._step_fn.optimizer is not self.opt:
+        """The training step: loss, gradient and update of ``opt`` (rebuilt if ``opt`` or the thread count changes)."""
+        key = (self.opt, self._threads)
+        if self._step_fn is None or self._step_key != key:
             cfg = self.cfg
-            self._step_fn = ParallelStep(self.model, self.opt, threads=cfg.threads, objective=cfg.objective, k=cfg.k)
+            self._step_fn = ParallelStep(self.model, self.opt, threads=self._threads, objective=cfg.objective, k=cfg.k)
+            self._step_key = key
         return self._step_fn
 
     # ---------------------------------------------------------------- checkpoints
@@ -396,6 +399,7 @@ class Run:
             "epoch": self.epoch,
             "step": self.step,
             "optimizer": {"name": self.cfg.optimizer, "t": self.opt.t},
+            "step_threads": self.step_fn.threads,  # a resumed run splits its steps the same way
             "rng": {"noise": self.model.rng.get_state(), "data": self.data_rng.get_state()},
             "stats": dataclasses.asdict(self.stats),
             "history": self.history,
@@ -441,6 +445,9 @@ class Run:
             raise CheckpointError(f"checkpoint {path} has no usable data order for its mid-epoch position")
         self.model.params[...] = model.params
         self.epoch, self.step, self.perm, self.stats, self.history = epoch, step, perm, stats, history
+        threads = ckpt.meta.get("step_threads")  # absent in checkpoints written before the steps were split
+        if self.cfg.threads is None and isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
+            self._threads = min(threads, 1024)  # the same split as before the interruption: bitwise the same run
 
     # ---------------------------------------------------------------- training
 
@@ -511,7 +518,8 @@ class Run:
         if cfg.resume:
             if (self.out / CHECKPOINT).exists():
                 self.restore()
-                self.log(f"resuming {self.out} at epoch {self.epoch}, step {self.step}")
+                self.log(f"resuming {self.out} at epoch {self.epoch}, step {self.step} "
+                         f"(steps on {self.step_fn.threads} thread{'s' if self.step_fn.threads > 1 else ''})")
                 if self.xp is not np:
                     self.log("note: on the GPU the noise generator restarts from the seed, so the resumed run "
                              "is equivalent but not bitwise identical to an uninterrupted one")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -109,14 +110,14 @@ def test_the_gradient_of_the_split_step_passes_gradcheck():
         return loss, m.grads.copy()
 
     p0 = m.params.copy()
-    _, g = loss_and_grad(p0)
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        d = rng.standard_normal(p0.size)
-        h = 1e-6
-        fd = (loss_and_grad(p0 + h * d)[0] - loss_and_grad(p0 - h * d)[0]) / (2 * h)
-        assert fd == pytest.approx(g @ d, rel=1e-6, abs=1e-9)
-    step.close()
+    with step:
+        _, g = loss_and_grad(p0)
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            d = rng.standard_normal(p0.size)
+            h = 1e-6
+            fd = (loss_and_grad(p0 + h * d)[0] - loss_and_grad(p0 - h * d)[0]) / (2 * h)
+            assert fd == pytest.approx(g @ d, rel=1e-6, abs=1e-9)
 
 
 class FixedNoise:
@@ -206,6 +207,97 @@ def test_a_failing_thread_raises_its_error_and_the_step_can_go_on(monkeypatch):
     assert_close(m2.params, m1.params, "params after recovery")
 
 
+@pytest.mark.parametrize("where", ["calling thread", "helper after the barrier"])
+def test_failures_elsewhere_in_the_step_surface_without_hanging(where, monkeypatch):
+    (m, o), _ = pair()
+    x = batch(8)
+    with ParallelStep(m, o, threads=2, min_rows=1) as step:
+        step(x)
+        if where == "calling thread":
+            monkeypatch.setattr(m, "_loss_and_grad", lambda *a, **k: 1 / 0)
+        else:
+            update = o.update
+            monkeypatch.setattr(o, "update", lambda part: 1 / 0 if part.start else update(part))
+        with pytest.raises(ZeroDivisionError):
+            step(x)
+        assert all(h.finished == h.handed for h in step._helpers)  # nothing still running
+        monkeypatch.undo()
+        out = step(x)  # and the step goes on
+    assert np.isfinite(float(out.loss))
+
+
+def test_an_interrupted_wait_still_lets_the_helpers_finish(monkeypatch):
+    """Ctrl-C while the caller waits for a helper: the step waits on, then raises; later steps are exact."""
+    from scratchvae.parallel import _Helper
+
+    (m1, o1), (m2, o2) = pair()
+    x = batch(8)
+    real_wait, calls = _Helper.wait, []
+
+    def interrupted_once(self):
+        calls.append(self)
+        if len(calls) == 2:  # the step's second wait: the one after the work was handed over
+            raise KeyboardInterrupt
+        return real_wait(self)
+
+    noise = FixedNoise(np.random.default_rng(0).standard_normal((8, 3)))
+    m1.rng = m2.rng = noise
+    with ParallelStep(m2, o2, threads=2, min_rows=1) as step:
+        step(x)
+        update = o2.update
+
+        def slowly(part):  # the helper is still updating its half when the interrupt comes
+            if part.start:
+                time.sleep(0.2)
+            update(part)
+
+        monkeypatch.setattr(o2, "update", slowly)
+        monkeypatch.setattr(_Helper, "wait", interrupted_once)
+        with pytest.raises(KeyboardInterrupt):
+            step(x)
+        assert all(h.finished == h.handed for h in step._helpers)  # the helper had finished its update
+        monkeypatch.undo()
+        step(x)
+    serial = ParallelStep(m1, o1, threads=1)
+    for _ in range(3):  # the interrupted step had completed: three updates in all
+        serial(x)
+    assert o2.t == o1.t == 3
+    assert_close(m2.params, m1.params, "params")
+
+
+def test_an_interrupt_while_handing_over_work_does_not_hang():
+    """Ctrl-C between two hand-overs: the helper already started must not wait for the others forever."""
+    from scratchvae.parallel import _Helper
+
+    (m, o), _ = pair()
+    x = batch(9)
+    step = ParallelStep(m, o, threads=3, min_rows=1).open()
+    step(x)
+    second = step._helpers[1]
+
+    def interrupted(task):
+        raise KeyboardInterrupt
+
+    second.run = interrupted
+    outcome = []
+
+    def call():
+        try:
+            step(x)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(timeout=20)
+    assert not caller.is_alive(), "the step hangs"
+    assert len(outcome) == 1 and isinstance(outcome[0], KeyboardInterrupt)
+    del second.run  # back to _Helper.run
+    assert np.isfinite(float(step(x).loss))
+    step.close()
+    assert isinstance(second, _Helper)
+
+
 def test_helpers_compute_under_the_callers_floating_point_error_state():
     """``np.errstate`` is per thread context: the helpers run in a copy of the caller's."""
     (m, o), _ = pair(likelihood="gaussian_learned")
@@ -220,34 +312,47 @@ def test_helpers_compute_under_the_callers_floating_point_error_state():
     assert not np.isfinite(float(out.loss))
 
 
+def helper_threads():
+    return sum(t.name.startswith("scratchvae-step-") for t in threading.enumerate())
+
+
 def test_open_close_start_and_stop_helpers_and_hold_blas_to_one_thread():
     (m, o), _ = pair()
-    before_threads = threading.active_count()
     before_blas = B.blas_threads()
     step = ParallelStep(m, o, threads=3)
-    assert threading.active_count() == before_threads  # nothing runs until the step is opened
+    assert helper_threads() == 0  # nothing runs until the step is opened
     with step:
-        assert threading.active_count() == before_threads + 2
+        assert helper_threads() == 2
         if before_blas is not None:
             assert B.blas_threads() == 1
-    assert threading.active_count() == before_threads
+    assert helper_threads() == 0
     assert B.blas_threads() == before_blas
     step(batch(200))  # a call opens it
-    assert threading.active_count() == before_threads + 2
+    assert helper_threads() == 2
     step.close()
     step.close()  # twice is harmless
-    assert threading.active_count() == before_threads and B.blas_threads() == before_blas
+    assert helper_threads() == 0 and B.blas_threads() == before_blas
 
 
 def test_a_dropped_open_step_stops_its_threads_and_restores_blas():
     (m, o), _ = pair()
-    before_threads, before_blas = threading.active_count(), B.blas_threads()
+    before_blas = B.blas_threads()
     step = ParallelStep(m, o, threads=3).open()
     step(batch(200))
-    assert threading.active_count() == before_threads + 2
+    assert helper_threads() == 2
     del step
     gc.collect()
-    assert threading.active_count() == before_threads and B.blas_threads() == before_blas
+    assert helper_threads() == 0 and B.blas_threads() == before_blas
+
+
+def test_overlapping_open_steps_restore_blas_when_the_last_one_closes():
+    (m1, o1), (m2, o2) = pair()
+    before = B.blas_threads()
+    a, b = ParallelStep(m1, o1, threads=2).open(), ParallelStep(m2, o2, threads=2).open()
+    a.close()
+    assert B.blas_threads() == (None if before is None else 1)  # b still runs
+    b.close()
+    assert B.blas_threads() == before
 
 
 def test_default_threads():
@@ -355,7 +460,10 @@ def test_numpy_wheels_blas_thread_count_is_found():
     """NumPy's wheels on Linux bundle OpenBLAS: its thread count must be readable there."""
     if not B._loaded_libraries():
         pytest.skip("no /proc/self/maps: loaded libraries cannot be listed on this system")
-    cfg = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
+    try:
+        cfg = np.show_config(mode="dicts")
+    except TypeError:  # NumPy before 1.25 prints its configuration only
+        pytest.skip("this NumPy cannot report its BLAS as data")
     blas = (cfg.get("Build Dependencies", {}).get("blas", {}) or {}).get("name", "")
     if "openblas" not in blas.lower():
         pytest.skip(f"numpy is built against {blas or 'an unknown BLAS'}, not OpenBLAS")
@@ -381,6 +489,24 @@ def test_the_trainer_splits_its_steps_and_agrees_with_one_thread(tmp_path):
     np.testing.assert_allclose(runs[2].model.params, runs[1].model.params, rtol=0, atol=1e-9)
     assert runs[2].history[0]["test_loss"] == pytest.approx(runs[1].history[0]["test_loss"], rel=1e-9)
     assert B.blas_threads() == blas  # restored when the epoch ended
+
+
+def test_a_resumed_run_keeps_the_thread_count_of_its_checkpoint(tmp_path):
+    from scratchvae.train import Run, TrainConfig
+
+    def config(**kw):
+        base = dict(epochs=1, batch_size=128, train_size=256, test_size=64, hidden=(32,), latent=4,
+                    out=str(tmp_path / "run"), progress=False)  # fmt: skip
+        return TrainConfig(**{**base, **kw})
+
+    Run(config(threads=3), log=lambda *_: None).run()
+    logs = []
+    resumed = Run(config(epochs=2, resume=True), log=logs.append)
+    resumed.run()
+    assert resumed.step_fn.threads == 3 and any("steps on 3 threads" in line for line in logs)
+    again = Run(config(epochs=3, resume=True, threads=1), log=lambda *_: None)  # an explicit count wins
+    again.run()
+    assert again.step_fn.threads == 1
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
