@@ -21,15 +21,20 @@ from . import losses as L
 from .backend import Generator
 
 
-def check_k(k) -> int:
-    """``k`` as an int, checked to be a positive integer (``2.5``, ``True``, ``0`` are refused)."""
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an int, checked to be a positive integer (``2.5``, ``True``, ``0`` are refused)."""
     try:
-        value = operator.index(k)
+        out = operator.index(value)
     except TypeError:
-        value = 0
-    if isinstance(k, bool) or value < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return value
+        out = 0
+    if isinstance(value, bool) or out < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return out
+
+
+def check_k(k) -> int:
+    """The number of importance samples ``k``, checked by :func:`check_positive_int`."""
+    return check_positive_int(k, "k")
 
 
 def log_weights(model, x, eps):

@@ -41,6 +41,17 @@ class Loss(NamedTuple):
     kl: object
 
 
+def check_beta(beta) -> float:
+    """The KL weight as a Python float (which never promotes a float32 loss), checked to be finite and >= 0."""
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {value!r}")
+    return value
+
+
 def _as_dtype(dtype):
     key = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if key not in DTYPES:
@@ -370,13 +381,7 @@ class VAE(_Model):
             :math:`\partial\,\text{loss}/\partial\,\text{params}` on return.
         """
         x = self.check_input(x, bounded=self.likelihood == "bernoulli")
-        try:
-            beta = float(beta)  # a Python float: never promotes a float32 loss
-        except (TypeError, ValueError):
-            beta = math.nan
-        if not (math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-        return self._loss_and_grad(x, self._check_eps(eps, x.shape[0]), beta)
+        return self._loss_and_grad(x, self._check_eps(eps, x.shape[0]), check_beta(beta))
 
     def _check_eps(self, eps, batch):
         """``eps`` (or ``None``) on the model's device and in its dtype, checked to be ``(batch, latent_dim)``."""

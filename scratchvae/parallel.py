@@ -38,14 +38,13 @@ every core. (``benchmarks/NOTES.md`` has the measurements.)
 
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
 
 from .backend import blas_threads, cpu_count, limit_blas_threads, set_blas_threads_here
-from .evaluate import check_k
-from .model import Loss
+from .evaluate import check_k, check_positive_int
+from .model import Loss, check_beta
 from .objectives import _iwae_loss_and_grad
 
 MIN_ROWS = 32  # with fewer rows per thread, splitting costs more than it gains (benchmarks/NOTES.md)
@@ -165,14 +164,11 @@ class ParallelStep:
         self.k = check_k(k)
         if objective == "elbo" and self.k != 1:
             raise ValueError(f"objective 'elbo' uses one sample per example; k={k} needs objective 'iwae'")
-        threads = default_threads(model) if threads is None else threads
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
-        if isinstance(min_rows, bool) or not isinstance(min_rows, (int, np.integer)) or min_rows < 1:
-            raise ValueError(f"min_rows must be a positive int, got {min_rows!r}")
+        threads = check_positive_int(default_threads(model) if threads is None else threads, "threads")
+        min_rows = check_positive_int(min_rows, "min_rows")
         self.model, self.optimizer, self.objective = model, optimizer, objective
-        self.threads = 1 if model.xp is not np else int(threads)  # on the GPU the device is the parallelism
-        self.min_rows = int(min_rows)
+        self.threads = 1 if model.xp is not np else threads  # on the GPU the device is the parallelism
+        self.min_rows = min_rows
         self.replicas = [model]  # one per part of a batch, made when first needed
         self._helpers = []
         self._blas = None  # the open limit_blas_threads context
@@ -230,14 +226,7 @@ class ParallelStep:
         whole batch (before the update).
         """
         model = self.model
-        x = model.check_input(x, bounded=model.likelihood == "bernoulli")
-        try:
-            beta = float(beta)
-        except (TypeError, ValueError):
-            beta = math.nan
-        if not (math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-        return self._step(x, beta)
+        return self._step(model.check_input(x, bounded=model.likelihood == "bernoulli"), check_beta(beta))
 
     def _loss_and_grad(self, replica, x, eps, beta, n_total):
         if self.objective == "iwae":

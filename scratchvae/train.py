@@ -30,7 +30,7 @@ from . import images
 from ._files import atomic_write
 from .backend import Generator, backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
-from .evaluate import check_k, iwae_bound
+from .evaluate import check_k, check_positive_int, iwae_bound
 from .layers import Workspace
 from .model import VAE
 from .optim import OPTIMIZERS
@@ -131,10 +131,8 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, (int, np.integer)) or self.threads < 1
-        ):
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.threads is not None:
+            check_positive_int(self.threads, "threads")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         check_k(self.k)
