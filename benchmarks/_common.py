@@ -131,6 +131,28 @@ def blas_thread_env(threads):
     return {k: str(threads) for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")}
 
 
+def add_shared_arguments(p) -> None:
+    """The flags both benchmark scripts take alike: numpy's BLAS threads, its environment, where results go."""
+    p.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                   help="threads of numpy's BLAS in scratchvae's workers (default: the BLAS's own choice, "
+                        "normally one per CPU; steps on several threads hold BLAS to one thread each)")  # fmt: skip
+    p.add_argument("--keep-openblas-env", action="store_true",
+                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in the workers' environment "
+                        "(by default both are removed there, since they make a current numpy slower)")  # fmt: skip
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="folder for the results files (default: benchmarks/results)")
+    p.add_argument("--tag", default=None, help="the results files' name part (default: cpu, or the GPU's name when one runs)")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine under load')")
+    p.add_argument("--no-save", action="store_true", help="write no results files (--json still written)")
+
+
+def check_thread_flags(p, args, names) -> None:
+    """``p.error`` for any of the thread-count flags ``names`` (attribute names) given below 1."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def worker_env_changes(keep_openblas_env: bool):
     """Which variables to unset for workers, and a note on what was found."""
     found = {k: os.environ[k] for k in OPENBLAS_VARS if k in os.environ}

@@ -37,12 +37,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR,
     Worker,
     WorkerError,
+    add_shared_arguments,
     blas_summary,
     blas_thread_env,
     blas_threads,
+    check_thread_flags,
     cpu_model,
     cpus_used,
     fmt,
@@ -256,27 +257,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads of scratchvae's training steps (the trainer's --threads; default: its own choice, "
                         "one per CPU, at most 8, on numpy)")  # fmt: skip
-    p.add_argument("--blas-threads", type=int, default=None, metavar="N",
-                   help="threads of numpy's BLAS in scratchvae's workers (default: the BLAS's own choice, "
-                        "normally one per CPU; steps on several threads hold BLAS to one thread each)")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="PyTorch intra-op threads (default: as many CPUs as scratchvae's steps use: their "
                         "threads, or numpy's BLAS threads when they run on one)")  # fmt: skip
     p.add_argument("--no-torch", action="store_true", help="run scratchvae only, even when PyTorch is importable")
-    p.add_argument("--keep-openblas-env", action="store_true",
-                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in the workers' environment "
-                        "(by default both are removed there, since they make a current numpy slower)")  # fmt: skip
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="folder for the results files (default: benchmarks/results)")
-    p.add_argument("--tag", default=None, help="the results files' name part (default: cpu, or the GPU's name when one runs)")
-    p.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine under load')")
-    p.add_argument("--no-save", action="store_true", help="write no results files (--json still written)")
+    add_shared_arguments(p)
     args = p.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:
         p.error("--epochs and --repeats must be at least 1")
-    for name in ("threads", "blas_threads", "torch_threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_thread_flags(p, args, ("threads", "blas_threads", "torch_threads"))
     return args
 
 

@@ -43,11 +43,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    RESULTS_DIR,
     Worker,
     WorkerError,
+    add_shared_arguments,
     blas_summary,
     blas_thread_env,
+    check_thread_flags,
     cpu_model,
     cpus_used,
     fmt,
@@ -445,21 +446,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=_positive_ints, default=None, metavar="N,N,...",
                    help="threads of scratchvae's training step (scratchvae.ParallelStep; default: its own choice, "
                         "one per CPU, at most 8, on numpy); several values time one numpy worker each, named scratchvae-numpy-tN")  # fmt: skip
-    p.add_argument("--blas-threads", type=int, default=None, metavar="N",
-                   help="threads of numpy's BLAS in scratchvae's workers (default: the BLAS's own choice, "
-                        "normally one per CPU; a step on several threads holds BLAS to one thread each)")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="PyTorch intra-op threads (default: as many CPUs as the first scratchvae-numpy worker's "
                         "step uses: its step threads, or its BLAS threads when the step runs on one)")  # fmt: skip
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is importable")
-    p.add_argument("--keep-openblas-env", action="store_true",
-                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in the workers' environment "
-                        "(by default both are removed there, since they make a current numpy slower)")  # fmt: skip
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="folder for the results files (default: benchmarks/results)")
-    p.add_argument("--tag", default=None, help="the results files' name part (default: cpu, or the GPU's name when one runs)")
-    p.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine under load')")
-    p.add_argument("--no-save", action="store_true", help="write no results files (--json still written)")
+    add_shared_arguments(p)
     p.add_argument("--profile", type=int, default=None, metavar="B",
                    help="instead of the benchmark: cProfile numpy steps at batch size B and print the top costs")  # fmt: skip
     p.add_argument("--profile-time", type=float, default=3.0, metavar="S", help="seconds of steps to profile (default: %(default)s)")
@@ -470,9 +461,7 @@ def parse_args(argv=None):
     for name in ("min_time", "warmup", "roofline_time", "profile_time"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("blas_threads", "torch_threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_thread_flags(p, args, ("blas_threads", "torch_threads"))
     return args
 
 
