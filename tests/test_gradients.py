@@ -368,6 +368,21 @@ def test_vae_loss_gradient_wrt_all_parameters(backend, record_gradcheck, likelih
     check_model(record_gradcheck, f"VAE {likelihood}/{activation}", model, x, eps, seed=case["perturb_seed"])
 
 
+@pytest.mark.parametrize("rows", [2, 5])
+def test_vae_gradient_with_column_major_input_gradients(backend, record_gradcheck, rows):
+    """Wide layers and few rows: the step writes d_x column-major (layers.input_grad_order) on the CPU; still exact."""
+    model = VAE(20, hidden=(12,), latent_dim=3, backend=backend, dtype="float64", seed=rows)
+    perturb(model, rows)
+    rng = np.random.default_rng(rows)
+    x = to_device(rng.integers(0, 2, (rows, 20)).astype(np.float64), model.xp, model.dtype)
+    eps = to_device(rng.standard_normal((rows, 3)), model.xp, model.dtype)
+    check_model(record_gradcheck, f"VAE, {rows} rows, column-major d_x", model, x, eps, seed=rows)
+    d_x = [a for k, a in model._work._buffers.items() if isinstance(k, tuple) and k[1] == "d_x"]
+    orders = sorted("F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C" for a in d_x)
+    wide = rows * 4 <= 12  # the decoder's 12 -> 20 layer qualifies; its 3 -> 12 and the encoder's 12 -> 6 do not
+    assert orders == (["C", "C", "F"] if wide and model.xp is np else ["C", "C", "C"])
+
+
 @given(data=st.data(), beta=grid(0, 4, 1 / 8), activation=st.sampled_from(HIDDEN_ACTIVATIONS))
 def test_vae_beta_weights_the_kl_term_in_loss_and_gradient(backend, record_gradcheck, data, beta, activation):
     likelihood = data.draw(st.sampled_from(LIKELIHOODS))
