@@ -83,11 +83,21 @@ class Adam:
         \theta_t = \theta_{t-1} - \eta\,\frac{\hat m_t}{\sqrt{\hat v_t} + \varepsilon},\qquad
         \hat m_t = \frac{m_t}{1-\beta_1^t},\ \hat v_t = \frac{v_t}{1-\beta_2^t}
 
-    The update is computed as
-    :math:`\theta \mathrel{-}= \eta_t\, m_t / (\sqrt{v_t} + \hat\varepsilon_t)` with
-    :math:`\eta_t = \eta\sqrt{1-\beta_2^t}/(1-\beta_1^t)` and
-    :math:`\hat\varepsilon_t = \varepsilon\sqrt{1-\beta_2^t}`, which is the same
-    number in fewer passes over the buffer.
+    The buffers hold the moments without their :math:`(1-\beta)` factors,
+    :math:`M_t = m_t/(1-\beta_1) = \beta_1 M_{t-1} + g_t` and
+    :math:`V_t = v_t/(1-\beta_2) = \beta_2 V_{t-1} + g_t^2` (``m_sum``,
+    ``v_sum``; the properties ``m`` and ``v`` give the textbook ones), and the
+    update is computed as
+
+    .. math::
+        \theta_t = \theta_{t-1} - \eta_t\,\frac{M_t}{\sqrt{V_t} + \hat\varepsilon_t},\qquad
+        c_t = \sqrt{\frac{1-\beta_2}{1-\beta_2^t}},\quad
+        \eta_t = \frac{\eta\,(1-\beta_1)}{(1-\beta_1^t)\,c_t},\quad
+        \hat\varepsilon_t = \frac{\varepsilon}{c_t}
+
+    (since :math:`\hat m_t = \frac{1-\beta_1}{1-\beta_1^t} M_t` and
+    :math:`\sqrt{\hat v_t} = c_t\sqrt{V_t}`): the same numbers up to rounding
+    in ten passes over the buffer instead of twelve (``benchmarks/NOTES.md``, item 10).
     """
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -102,12 +112,22 @@ class Adam:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         self.beta1, self.beta2, self.eps, self.weight_decay = b1, b2, float(eps), float(weight_decay)
         self.t = 0
-        self.m = self.params * 0
-        self.v = self.params * 0
+        self.m_sum = self.params * 0
+        self.v_sum = self.params * 0
         self._tmp = self.params * 0
 
+    @property
+    def m(self):
+        """The first moment :math:`m_t = (1-\beta_1) M_t` (a new array)."""
+        return self.m_sum * (1.0 - self.beta1)
+
+    @property
+    def v(self):
+        """The second moment :math:`v_t = (1-\beta_2) V_t` (a new array)."""
+        return self.v_sum * (1.0 - self.beta2)
+
     def step(self):
-        """One update of ``params`` in place from the current ``grads`` (12 passes, no allocation)."""
+        """One update of ``params`` in place from the current ``grads`` (10 passes, no allocation)."""
         self.t += 1
         self.update(slice(None))
 
@@ -115,39 +135,47 @@ class Adam:
         """Update ``params[part]`` from ``grads[part]`` at the current step count ``t`` (not advanced)."""
         xp = get_array_module(self.params)
         # every pass writes into a kept buffer
-        p, g, m, v, tmp = (a[part] for a in (self.params, self.grads, self.m, self.v, self._tmp))
+        p, g, m, v, tmp = (a[part] for a in (self.params, self.grads, self.m_sum, self.v_sum, self._tmp))
         if self.weight_decay:
             g = g + self.weight_decay * p
         b1, b2, t = self.beta1, self.beta2, self.t
         if t < 1:
             raise ValueError("Adam.update needs t >= 1 (step() advances t, then updates)")
-        # m += (1 - b1) (g - m)   is   m = b1 m + (1 - b1) g
-        xp.subtract(g, m, out=tmp)
-        tmp *= 1.0 - b1
-        m += tmp
-        # v += (1 - b2) (g^2 - v)   is   v = b2 v + (1 - b2) g^2
-        xp.multiply(g, g, out=tmp)
-        tmp -= v
-        tmp *= 1.0 - b2
+        m *= b1  # M = b1 M + g
+        m += g
+        xp.multiply(g, g, out=tmp)  # V = b2 V + g^2
+        v *= b2
         v += tmp
-        # params -= step_size * m / (sqrt(v) + eps_hat)
-        bc2 = math.sqrt(1.0 - b2**t)
-        step_size = self.lr * bc2 / (1.0 - b1**t)
+        # params -= eta_t M / (sqrt(V) + eps_t)
+        c = math.sqrt((1.0 - b2) / (1.0 - b2**t))
+        step_size = self.lr * (1.0 - b1) / ((1.0 - b1**t) * c)
         xp.sqrt(v, out=tmp)
-        tmp += self.eps * bc2
+        tmp += self.eps / c
         xp.divide(m, tmp, out=tmp)
         tmp *= step_size
         p -= tmp
 
     def state_dict(self):
-        """``{"t": steps taken, "m", "v": moment arrays like params}`` (live arrays, not copies)."""
-        return {"t": self.t, "m": self.m, "v": self.v}
+        """``{"t": steps taken, "m_sum", "v_sum": moment sums like params}`` (live arrays, not copies)."""
+        return {"t": self.t, "m_sum": self.m_sum, "v_sum": self.v_sum}
 
     def load_state_dict(self, state):
-        """Restore what :meth:`state_dict` returned (arrays are copied into the kept buffers)."""
+        """Restore what :meth:`state_dict` returned (arrays are copied into the kept buffers).
+
+        Also takes the textbook moments ``"m"`` and ``"v"`` instead of the sums
+        (what checkpoints of earlier scratchvae versions hold): they are divided
+        by :math:`1-\beta`, so a run continued from them matches one that was
+        never stopped up to rounding, not bit for bit.
+        """
         self.t = int(state["t"])
-        self.m[...] = state["m"]
-        self.v[...] = state["v"]
+        if "m_sum" in state or "v_sum" in state:
+            self.m_sum[...] = state["m_sum"]
+            self.v_sum[...] = state["v_sum"]
+        else:
+            self.m_sum[...] = state["m"]
+            self.v_sum[...] = state["v"]
+            self.m_sum /= 1.0 - self.beta1
+            self.v_sum /= 1.0 - self.beta2
 
 
 OPTIMIZERS = {"adam": Adam, "sgd": SGD}

@@ -246,6 +246,10 @@ def test_adam_matches_reference(backend, xp, dtype, dtype_rtol, betas, weight_de
         v_hat = v / (1 - b2**t)
         p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
         np.testing.assert_allclose(to_numpy(toy.params), p, rtol=dtype_rtol, atol=dtype_rtol, err_msg=f"step {t}")
+        # the buffers hold M = m / (1 - b1) and V = v / (1 - b2); the properties give m and v back
+        np.testing.assert_allclose(to_numpy(opt.m), m, rtol=dtype_rtol, atol=dtype_rtol * abs(m).max())
+        np.testing.assert_allclose(to_numpy(opt.v), v, rtol=dtype_rtol, atol=dtype_rtol * abs(v).max())
+        np.testing.assert_allclose(to_numpy(opt.m_sum), m / (1 - b1), rtol=dtype_rtol, atol=dtype_rtol * abs(m).max())
     assert opt.t == 20
 
 
@@ -265,26 +269,55 @@ def test_sgd_momentum_matches_reference(backend, xp, dtype, dtype_rtol, momentum
         np.testing.assert_allclose(to_numpy(toy.params), p, rtol=dtype_rtol, atol=dtype_rtol, err_msg=f"step {t}")
 
 
-@pytest.mark.parametrize("optimizer", [Adam, SGD])
-def test_optimizer_resumes_exactly_from_its_state_dict(backend, xp, dtype, optimizer):
+def stop_and_resume(xp, dtype, make_opt, saved_state):
+    """Run ``make_opt``'s optimiser on a toy problem for 5 + 5 steps, and again from ``saved_state(opt)`` taken after 5.
+
+    Returns the parameters of the straight run, those of the resumed one, the
+    resumed optimiser and the state it started from.
+    """
+
     def run(opt, toy, steps):
         for _ in range(steps):
             toy.loss_and_grad()
             opt.step()
 
     toy = Quadratic(xp, dtype)
-    opt = optimizer(toy, lr=0.05)
+    opt = make_opt(toy)
     run(opt, toy, 5)
-    state = {k: (v.copy() if hasattr(v, "copy") else v) for k, v in opt.state_dict().items()}
+    state = saved_state(opt)
     params = toy.params.copy()
     run(opt, toy, 5)
 
     resumed = Quadratic(xp, dtype)
     resumed.params[...] = params
-    opt2 = optimizer(resumed, lr=0.05)
+    opt2 = make_opt(resumed)
     opt2.load_state_dict(state)
     run(opt2, resumed, 5)
-    np.testing.assert_array_equal(to_numpy(resumed.params), to_numpy(toy.params))
+    return to_numpy(toy.params), to_numpy(resumed.params), opt2, state
+
+
+@pytest.mark.parametrize("optimizer", [Adam, SGD])
+def test_optimizer_resumes_exactly_from_its_state_dict(backend, xp, dtype, optimizer):
+    def copy_of_state(opt):
+        return {k: (v.copy() if hasattr(v, "copy") else v) for k, v in opt.state_dict().items()}
+
+    straight, resumed, _, _ = stop_and_resume(xp, dtype, lambda toy: optimizer(toy, lr=0.05), copy_of_state)
+    np.testing.assert_array_equal(resumed, straight)
+
+
+def test_adam_continues_from_textbook_moments(backend, xp, dtype, dtype_rtol):
+    """A state with m and v (as checkpoints of earlier versions hold) continues like the run that wrote it."""
+    straight, resumed, opt2, state = stop_and_resume(
+        xp, dtype, lambda toy: Adam(toy, lr=0.05, betas=(0.8, 0.9)), lambda opt: {"t": opt.t, "m": opt.m, "v": opt.v}
+    )
+    np.testing.assert_allclose(resumed, straight, rtol=dtype_rtol, atol=dtype_rtol)
+    assert opt2.t == 10
+    opt2.m_sum[...] = 0
+    opt2.load_state_dict(state)  # the sums it loaded are the m and v it was given over (1 - beta)
+    np.testing.assert_allclose(to_numpy(opt2.m), to_numpy(state["m"]), rtol=dtype_rtol)
+    np.testing.assert_allclose(to_numpy(opt2.v), to_numpy(state["v"]), rtol=dtype_rtol)
+    with pytest.raises(KeyError):
+        opt2.load_state_dict({"t": 3, "m_sum": opt2.m_sum})  # half of the new state
 
 
 # --------------------------------------------------------------------------------------

@@ -475,7 +475,7 @@ def wrong_format_file(kind, tmp_path, reference):
         np.savez(path, params=np.array([_Planted(tmp_path / "pwned")], dtype=object),
                  **{"meta.json": _meta_bytes(meta)})  # fmt: skip
     elif kind == "object extra array":
-        np.savez(path, params=good.params, opt_m=np.array([_Planted(tmp_path / "pwned")], dtype=object),
+        np.savez(path, params=good.params, opt_m_sum=np.array([_Planted(tmp_path / "pwned")], dtype=object),
                  **{"meta.json": _meta_bytes(meta)})  # fmt: skip
     elif kind == "object meta":
         np.savez(path, params=good.params, **{"meta.json": np.array([_Planted(tmp_path / "pwned")], dtype=object)})
@@ -618,7 +618,7 @@ def tiny_checkpoint():
             "rng": {"noise": model.rng.get_state()}, "stats": {"n": 4}, "history": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = save_checkpoint(Path(tmp) / "tiny.npz", model.params, meta,
-                               {"opt_m": opt.m, "opt_v": opt.v, "perm": np.arange(8)})  # fmt: skip
+                               {"opt_m_sum": opt.m_sum, "opt_v_sum": opt.v_sum, "perm": np.arange(8)})  # fmt: skip
         return path.read_bytes(), load_checkpoint(path)
 
 
@@ -695,7 +695,7 @@ def test_the_tiny_checkpoint_has_the_trainer_layout():
     """What the zip field edits above rely on: five entries, each with a central directory record."""
     with zipfile.ZipFile(io.BytesIO(TINY)) as z:
         names = [i.filename for i in z.infolist()]
-    assert names == ["params.npy", "opt_m.npy", "opt_v.npy", "perm.npy", "meta.json.npy"]
+    assert names == ["params.npy", "opt_m_sum.npy", "opt_v_sum.npy", "perm.npy", "meta.json.npy"]
     assert len(re.findall(b"PK\x01\x02", TINY)) == len(names)
 
 

@@ -60,7 +60,7 @@ def test_checkpoint_restores_a_model_that_evaluates_identically(tmp_path):
     assert ckpt.meta["epoch"] == 2 and ckpt.meta["step"] == 0
     assert ckpt.meta["train"]["hidden"] == [32]
     assert ckpt.meta["model"]["latent_dim"] == 4
-    for key in ("opt_m", "opt_v"):
+    for key in ("opt_m_sum", "opt_v_sum"):
         assert ckpt.arrays[key].shape == model.params.shape
 
 
@@ -73,6 +73,25 @@ def test_resume_continues_to_identical_parameters(tmp_path):
     second.run()
     np.testing.assert_array_equal(second.model.params, straight.model.params)
     assert [r["train_loss"] for r in second.history] == [r["train_loss"] for r in straight.history]
+
+
+def test_resume_from_a_checkpoint_with_textbook_adam_moments(tmp_path):
+    """Checkpoints of earlier versions store Adam's m and v (opt_m, opt_v): they resume, equal up to rounding."""
+    straight = Run(small_config(tmp_path, epochs=2, out=str(tmp_path / "a")), log=quiet)
+    straight.run()
+    first = Run(small_config(tmp_path, epochs=1, out=str(tmp_path / "b")), log=quiet)
+    first.run()
+    path = first.out / CHECKPOINT
+    ckpt = load_checkpoint(path)
+    b1, b2 = first.opt.beta1, first.opt.beta2
+    arrays = {k: v for k, v in ckpt.arrays.items() if not k.startswith("opt_")}
+    arrays.update(opt_m=ckpt.arrays["opt_m_sum"] * (1 - b1), opt_v=ckpt.arrays["opt_v_sum"] * (1 - b2))
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version")}
+    save_checkpoint(path, ckpt.params, meta, arrays)
+    second = Run(small_config(tmp_path, epochs=2, out=str(tmp_path / "b"), resume=True), log=quiet)
+    second.run()
+    np.testing.assert_allclose(second.model.params, straight.model.params, rtol=1e-4, atol=1e-5)
+    assert not np.array_equal(second.model.params, first.model.params)  # it did train on
 
 
 def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
