@@ -642,6 +642,9 @@ def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n
     for r in rows:
         peer = by_key.get((_peer(r["impl"]), r["batch"]))
         r["speed_vs_torch"] = peer["ms_per_step"] / r["ms_per_step"] if peer else None
+        # both timed in the same round, one after the other: a slow spell of the machine slows both sides
+        same_round = [p / own for p, own in zip(peer["samples_ms"], r["samples_ms"])] if peer else None
+        r["speed_vs_torch_same_round"] = summarize(same_round) if peer else None
     return {
         "benchmark": "throughput",
         "what": "one training step (forward, backward, Adam) of the 784-400-20 Bernoulli VAE, float32, MNIST grey levels",
@@ -660,7 +663,8 @@ def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n
     }
 
 
-HEADERS = ["impl", "batch", "ms/step", "IQR ms", "examples/s", "GFLOP/s", "% peak", "GEMM ms", "GEMM %", "speed vs torch"]
+HEADERS = ["impl", "batch", "ms/step", "IQR ms", "examples/s", "GFLOP/s", "% peak", "GEMM ms", "GEMM %", "speed vs torch",
+           "same-round ratio (IQR)"]  # fmt: skip
 
 
 def _table_rows(results):
@@ -671,8 +675,13 @@ def _table_rows(results):
             fmt(round(r["examples_per_s"])), fmt(r["gflops"]), f"{100 * r['fraction_of_peak']:.0f}%",
             fmt(r["gemm_ms"]), f"{100 * r['gemm_fraction']:.0f}%",
             f"{r['speed_vs_torch']:.2f}x" if r["speed_vs_torch"] else "-",
+            _ratio_range(r["speed_vs_torch_same_round"]),
         ])  # fmt: skip
     return out
+
+
+def _ratio_range(s):
+    return f"{s['median']:.2f}x ({s['q1']:.2f}-{s['q3']:.2f})" if s else "-"
 
 
 def _roofline_lines(results):
@@ -739,7 +748,10 @@ def write_markdown(path, results):
         "`ms/step`: median over rounds of one full step (forward, backward, Adam); `IQR`: its "
         "interquartile range; `% peak`: the step's matmul FLOPs per second over the backend's best "
         "matmul rate; `GEMM ms`: the step's eleven matrix products alone, in the same library; "
-        "`speed vs torch`: PyTorch's time over this row's time on the same device (above 1: faster than PyTorch).",
+        "`speed vs torch`: PyTorch's time over this row's time on the same device (above 1: faster than PyTorch); "
+        "`same-round ratio`: the median (and interquartile range) over rounds of the same ratio taken within "
+        "each round, where the two were timed one after the other, so that a slow spell of the machine "
+        "weighs on both sides of each ratio.",
     ]
     lines += [f"\nNote: {n}" for n in results["notes"]]
     path.write_text("\n".join(lines) + "\n")
