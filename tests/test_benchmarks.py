@@ -1,0 +1,68 @@
+"""benchmarks/throughput.py: the FLOP count of a step and the ratios to PyTorch it reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return throughput
+
+
+def test_step_flops_are_counted_from_the_layer_sizes(throughput):
+    layers = [(784, 400), (400, 40), (20, 400), (400, 784)]
+    per_layer = [2 * i * o for i, o in layers]
+    # forward and weight gradients of every layer, input gradients of all but the first
+    assert throughput.step_flops_per_example(layers) == 2 * sum(per_layer) + sum(per_layer[1:]) == 3_280_000
+
+
+def results_of(throughput, ours_s, torch_s):
+    """What ``assemble`` makes of per-round step times (seconds) of one scratchvae worker and PyTorch at batch 128."""
+    args = SimpleNamespace(note="", batch_sizes=[128], repeats=len(ours_s), min_time=0.5, warmup=0.5,
+                           roofline_time=0.2, threads=None, blas_threads=None)  # fmt: skip
+    impls = ["scratchvae-numpy", "torch-cpu"]
+    steps = {("scratchvae-numpy", 128): ours_s, ("torch-cpu", 128): torch_s}
+    return throughput.assemble(
+        args, machine={}, infos={i: {"device": "cpu"} for i in impls}, env_note={}, notes=[], flops=3_280_000,
+        steps=steps, gemms={k: [0.002] * len(v) for k, v in steps.items()},
+        roof={i: {"square 1024": [200.0]} for i in impls}, n_steps={k: 100 for k in steps}, threads=2,
+    )  # fmt: skip
+
+
+def test_same_round_ratio_pairs_the_rounds_and_the_plain_ratio_compares_medians(throughput):
+    # slow spells in rounds 2 and 5 hit both, in round 3 PyTorch alone: PyTorch's median is a slow round, ours not
+    ours = [0.0040, 0.0060, 0.0040, 0.0040, 0.0060]
+    torch = [0.0044, 0.0066, 0.0066, 0.0044, 0.0066]
+    rows = {r["impl"]: r for r in results_of(throughput, ours, torch)["rows"]}
+    row = rows["scratchvae-numpy"]
+    assert row["speed_vs_torch"] == pytest.approx(0.0066 / 0.0040)
+    same = row["speed_vs_torch_same_round"]
+    assert same["median"] == pytest.approx(1.1) and same["n"] == 5
+    assert (same["min"], same["max"]) == (pytest.approx(1.1), pytest.approx(0.0066 / 0.0040))
+    assert rows["torch-cpu"]["speed_vs_torch_same_round"]["median"] == 1.0
+    table = dict(zip(throughput.HEADERS, throughput._table_rows({"rows": [row]})[0]))
+    assert table["speed vs torch"] == "1.65x" and table["same-round ratio (IQR)"] == "1.10x (1.10-1.10)"
+
+
+def test_without_pytorch_there_is_no_ratio(throughput):
+    args = SimpleNamespace(note="", batch_sizes=[32], repeats=2, min_time=0.5, warmup=0.5, roofline_time=0.2,
+                           threads=None, blas_threads=None)  # fmt: skip
+    steps = {("scratchvae-numpy", 32): [0.002, 0.003]}
+    out = throughput.assemble(args, {}, {"scratchvae-numpy": {"device": "cpu"}}, {}, [], 3_280_000, steps,
+                              {k: [0.001, 0.001] for k in steps}, {"scratchvae-numpy": {"sq": [100.0]}},
+                              {k: 10 for k in steps}, 2)  # fmt: skip
+    row = out["rows"][0]
+    assert row["speed_vs_torch"] is None and row["speed_vs_torch_same_round"] is None
+    assert throughput._table_rows(out)[0][-2:] == ["-", "-"]
