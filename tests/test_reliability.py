@@ -192,9 +192,10 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path)
 
 # Writes checkpoints of `n` float32 parameters in a loop; version c has every parameter equal
 # to c and meta["counter"] == c. It continues from the version on disk, and says on stdout
-# when it begins and ends each write.
+# when it begins and ends each write, each line in one write(2) so that the kill cannot cut
+# it in two (print() writes its words one by one when Python's stdout is unbuffered).
 WRITER = """
-import sys
+import os, sys
 from pathlib import Path
 import numpy as np
 from scratchvae.checkpoint import load_checkpoint, save_checkpoint
@@ -202,10 +203,10 @@ from scratchvae.checkpoint import load_checkpoint, save_checkpoint
 path, n = Path(sys.argv[1]), int(sys.argv[2])
 counter = load_checkpoint(path).meta["counter"] + 1 if path.exists() else 0
 while True:
-    print("begin", counter, flush=True)
+    os.write(1, f"begin {counter}\\n".encode())
     save_checkpoint(path, np.full(n, counter, np.float32), {"model": {}, "counter": counter},
                     {"counter": np.array([counter])})
-    print("end", counter, flush=True)
+    os.write(1, f"end {counter}\\n".encode())
     counter += 1
 """
 
