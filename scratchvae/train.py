@@ -385,12 +385,19 @@ class Run:
     # ---------------------------------------------------------------- checkpoints
 
     def save(self) -> Path:
-        """Write the checkpoint; parameters with NaN or inf raise ``TrainingDiverged`` and keep the last good one."""
-        if not bool(self.xp.isfinite(self.model.params).all()):
-            raise TrainingDiverged(
-                f"the parameters became NaN or inf (checkpoint at epoch {self.epoch}, step {self.step} not written); "
-                f"try a smaller --lr (now {self.cfg.lr}); the last good checkpoint is kept"
-            )
+        """Write the checkpoint; NaN or inf in the parameters or the optimiser's state raise ``TrainingDiverged`` and keep the last good one.
+
+        (Adam's second-moment sum overflows to inf when gradients pass about
+        1e17 in float32; the parameters then stop moving but stay finite, so
+        the loss alone would not show it.)
+        """
+        state = [a for k, a in self.opt.state_dict().items() if k != "t"]
+        for what, arrays in (("parameters", [self.model.params]), ("optimiser's state", state)):
+            if not all(bool(self.xp.isfinite(a).all()) for a in arrays):
+                raise TrainingDiverged(
+                    f"the {what} became NaN or inf (checkpoint at epoch {self.epoch}, step {self.step} not written); "
+                    f"try a smaller --lr (now {self.cfg.lr}); the last good checkpoint is kept"
+                )
         meta = {
             "model": self.model.config(),
             "train": self.cfg.to_json(),
