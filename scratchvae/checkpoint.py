@@ -24,7 +24,8 @@ from ._files import atomic_write
 from .backend import BackendError, to_device, to_numpy
 
 FORMAT = "scratchvae-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: Adam's state is stored as moment sums (opt_m_sum, opt_v_sum); 1: as moments (opt_m, opt_v)
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(ValueError):
@@ -106,8 +107,11 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} has unreadable metadata ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a scratchvae checkpoint")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}, expected {VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {meta.get('version')}, expected {VERSION} (or an earlier one: "
+            f"{', '.join(map(str, READABLE_VERSIONS[:-1]))})"
+        )
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"checkpoint {path} has no model configuration")
     params = data.pop("params")

@@ -118,16 +118,16 @@ class Adam:
 
     @property
     def m(self):
-        """The first moment :math:`m_t = (1-\beta_1) M_t` (a new array)."""
+        r"""The first moment :math:`m_t = (1-\beta_1) M_t`: a new array (writing to it changes nothing here)."""
         return self.m_sum * (1.0 - self.beta1)
 
     @property
     def v(self):
-        """The second moment :math:`v_t = (1-\beta_2) V_t` (a new array)."""
+        r"""The second moment :math:`v_t = (1-\beta_2) V_t`: a new array (writing to it changes nothing here)."""
         return self.v_sum * (1.0 - self.beta2)
 
     def step(self):
-        """One update of ``params`` in place from the current ``grads`` (10 passes, no allocation)."""
+        """One update of ``params`` in place from the current ``grads`` (10 passes; no allocation without weight decay)."""
         self.t += 1
         self.update(slice(None))
 
@@ -160,22 +160,22 @@ class Adam:
         return {"t": self.t, "m_sum": self.m_sum, "v_sum": self.v_sum}
 
     def load_state_dict(self, state):
-        """Restore what :meth:`state_dict` returned (arrays are copied into the kept buffers).
+        r"""Restore what :meth:`state_dict` returned (arrays are copied into the kept buffers).
 
         Also takes the textbook moments ``"m"`` and ``"v"`` instead of the sums
-        (what checkpoints of earlier scratchvae versions hold): they are divided
-        by :math:`1-\beta`, so a run continued from them matches one that was
-        never stopped up to rounding, not bit for bit.
+        (what checkpoints of format version 1 hold): they are divided by
+        :math:`1-\beta`, so a run continued from them matches one that was
+        never stopped up to rounding, not bit for bit. A missing entry raises
+        ``KeyError`` before anything is changed.
         """
-        self.t = int(state["t"])
-        if "m_sum" in state or "v_sum" in state:
-            self.m_sum[...] = state["m_sum"]
-            self.v_sum[...] = state["v_sum"]
-        else:
-            self.m_sum[...] = state["m"]
-            self.v_sum[...] = state["v"]
+        sums = "m_sum" in state or "v_sum" in state
+        t, m, v = int(state["t"]), state["m_sum" if sums else "m"], state["v_sum" if sums else "v"]
+        self.m_sum[...] = m
+        self.v_sum[...] = v
+        if not sums:
             self.m_sum /= 1.0 - self.beta1
             self.v_sum /= 1.0 - self.beta2
+        self.t = t
 
 
 OPTIMIZERS = {"adam": Adam, "sgd": SGD}

@@ -306,7 +306,7 @@ def test_optimizer_resumes_exactly_from_its_state_dict(backend, xp, dtype, optim
 
 
 def test_adam_continues_from_textbook_moments(backend, xp, dtype, dtype_rtol):
-    """A state with m and v (as checkpoints of earlier versions hold) continues like the run that wrote it."""
+    """A state with m and v (as checkpoints of format version 1 hold) continues like the run that wrote it."""
     straight, resumed, opt2, state = stop_and_resume(
         xp, dtype, lambda toy: Adam(toy, lr=0.05, betas=(0.8, 0.9)), lambda opt: {"t": opt.t, "m": opt.m, "v": opt.v}
     )
@@ -316,8 +316,10 @@ def test_adam_continues_from_textbook_moments(backend, xp, dtype, dtype_rtol):
     opt2.load_state_dict(state)  # the sums it loaded are the m and v it was given over (1 - beta)
     np.testing.assert_allclose(to_numpy(opt2.m), to_numpy(state["m"]), rtol=dtype_rtol)
     np.testing.assert_allclose(to_numpy(opt2.v), to_numpy(state["v"]), rtol=dtype_rtol)
+    before = (opt2.t, to_numpy(opt2.m_sum).copy())
     with pytest.raises(KeyError):
-        opt2.load_state_dict({"t": 3, "m_sum": opt2.m_sum})  # half of the new state
+        opt2.load_state_dict({"t": 3, "m_sum": opt2.m_sum * 2})  # half of the new state: nothing taken
+    assert opt2.t == before[0] and np.array_equal(to_numpy(opt2.m_sum), before[1])
 
 
 # --------------------------------------------------------------------------------------

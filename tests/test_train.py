@@ -76,7 +76,7 @@ def test_resume_continues_to_identical_parameters(tmp_path):
 
 
 def test_resume_from_a_checkpoint_with_textbook_adam_moments(tmp_path):
-    """Checkpoints of earlier versions store Adam's m and v (opt_m, opt_v): they resume, equal up to rounding."""
+    """Checkpoints of format version 1 store Adam's m and v (opt_m, opt_v): they resume, equal up to rounding."""
     straight = Run(small_config(tmp_path, epochs=2, out=str(tmp_path / "a")), log=quiet)
     straight.run()
     first = Run(small_config(tmp_path, epochs=1, out=str(tmp_path / "b")), log=quiet)
@@ -86,8 +86,10 @@ def test_resume_from_a_checkpoint_with_textbook_adam_moments(tmp_path):
     b1, b2 = first.opt.beta1, first.opt.beta2
     arrays = {k: v for k, v in ckpt.arrays.items() if not k.startswith("opt_")}
     arrays.update(opt_m=ckpt.arrays["opt_m_sum"] * (1 - b1), opt_v=ckpt.arrays["opt_v_sum"] * (1 - b2))
-    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version")}
+    assert ckpt.meta["version"] == 2
+    meta = {**{k: v for k, v in ckpt.meta.items() if k != "format"}, "version": 1}  # as format version 1 wrote it
     save_checkpoint(path, ckpt.params, meta, arrays)
+    assert load_checkpoint(path).meta["version"] == 1
     second = Run(small_config(tmp_path, epochs=2, out=str(tmp_path / "b"), resume=True), log=quiet)
     second.run()
     np.testing.assert_allclose(second.model.params, straight.model.params, rtol=1e-4, atol=1e-5)
