@@ -56,6 +56,13 @@ def test_same_round_ratio_pairs_the_rounds_and_the_plain_ratio_compares_medians(
     assert table["speed vs torch"] == "1.65x" and table["same-round ratio (IQR)"] == "1.10x (1.10-1.10)"
 
 
+def test_same_round_ratio_keeps_the_rounds_in_order(throughput):
+    # one slow round each, in different rounds: paired, 0.55x and 2.2x; the times sorted first would give 1.1x throughout
+    ours, torch = [0.004, 0.008, 0.004, 0.004, 0.004], [0.0088, 0.0044, 0.0044, 0.0044, 0.0044]
+    same = results_of(throughput, ours, torch)["rows"][0]["speed_vs_torch_same_round"]
+    assert (same["min"], same["median"], same["max"]) == (pytest.approx(0.55), pytest.approx(1.1), pytest.approx(2.2))
+
+
 def test_without_pytorch_there_is_no_ratio(throughput):
     args = SimpleNamespace(note="", batch_sizes=[32], repeats=2, min_time=0.5, warmup=0.5, roofline_time=0.2,
                            threads=None, blas_threads=None)  # fmt: skip
