@@ -78,7 +78,7 @@ def set_threads(n: int) -> None:
 def torch_info(device: str) -> dict:
     """Version, threads, BLAS and the device name, for the results file."""
     info = {
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: unpickling torch's own version class would import torch
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "device": device,

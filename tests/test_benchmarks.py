@@ -1,24 +1,49 @@
-"""benchmarks/throughput.py: the FLOP count of a step and the ratios to PyTorch it reports."""
+"""The benchmark scripts: throughput.py's FLOP count and ratios to PyTorch, epoch.py's peak memory of a worker."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def throughput():
+def import_benchmark(name):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import throughput
+        return __import__(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    return throughput
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return import_benchmark("throughput")
+
+
+def _child_peak(queue):
+    queue.put(import_benchmark("epoch")._max_rss_mib())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_a_spawned_workers_peak_memory_is_its_own():
+    """ru_maxrss survives exec, so a worker spawned by a big parent would report the parent's peak."""
+    big = np.ones(256 * 2**20 // 8)  # 256 MiB touched here
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_peak, args=(queue,))
+    child.start()
+    peak = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert import_benchmark("epoch")._max_rss_mib() > 256
+    assert peak < 200, peak  # a Python with numpy and the benchmark modules, far below the parent's 256 MiB
+    del big
 
 
 def test_step_flops_are_counted_from_the_layer_sizes(throughput):
