@@ -98,6 +98,10 @@ class Adam:
     (since :math:`\hat m_t = \frac{1-\beta_1}{1-\beta_1^t} M_t` and
     :math:`\sqrt{\hat v_t} = c_t\sqrt{V_t}`): the same numbers up to rounding
     in ten passes over the buffer instead of twelve (``benchmarks/NOTES.md``, item 10).
+    :math:`V` runs up to :math:`1/(1-\beta_2)` times :math:`v` (1000 times for
+    0.999), so in float32 it overflows to inf once gradients reach about
+    :math:`10^{17}`; the parameters then stop moving but stay finite, which is
+    why the trainer also checks the optimiser's state before each checkpoint.
     """
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
