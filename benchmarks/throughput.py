@@ -242,12 +242,15 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None
 
         return step
 
+    def close_steps():  # a step reopens itself when next called
+        for parallel in open_steps:
+            parallel.close()
+
     def time_step(batch):
         try:
             return cases.time(("step", batch), lambda: make_step(batch))
         finally:
-            for parallel in open_steps:
-                parallel.close()
+            close_steps()
 
     def info():
         model = make_model()
@@ -279,8 +282,7 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None
         try:
             return _profile(make_step(batch), sync, seconds, top)
         finally:
-            for parallel in open_steps:
-                parallel.close()
+            close_steps()
 
     handlers["profile"] = profile
     serve(conn, handlers)

@@ -53,17 +53,21 @@ def test_step_flops_are_counted_from_the_layer_sizes(throughput):
     assert throughput.step_flops_per_example(layers) == 2 * sum(per_layer) + sum(per_layer[1:]) == 3_280_000
 
 
-def results_of(throughput, ours_s, torch_s):
-    """What ``assemble`` makes of per-round step times (seconds) of one scratchvae worker and PyTorch at batch 128."""
-    args = SimpleNamespace(note="", batch_sizes=[128], repeats=len(ours_s), min_time=0.5, warmup=0.5,
-                           roofline_time=0.2, threads=None, blas_threads=None)  # fmt: skip
-    impls = ["scratchvae-numpy", "torch-cpu"]
-    steps = {("scratchvae-numpy", 128): ours_s, ("torch-cpu", 128): torch_s}
+def assembled(throughput, steps):
+    """What ``assemble`` makes of per-round step times (seconds), ``{(impl, batch): [...]}``."""
+    impls = sorted({impl for impl, _ in steps})
+    args = SimpleNamespace(note="", batch_sizes=sorted({b for _, b in steps}), repeats=len(next(iter(steps.values()))),
+                           min_time=0.5, warmup=0.5, roofline_time=0.2, threads=None, blas_threads=None)  # fmt: skip
     return throughput.assemble(
         args, machine={}, infos={i: {"device": "cpu"} for i in impls}, env_note={}, notes=[], flops=3_280_000,
         steps=steps, gemms={k: [0.002] * len(v) for k, v in steps.items()},
         roof={i: {"square 1024": [200.0]} for i in impls}, n_steps={k: 100 for k in steps}, threads=2,
     )  # fmt: skip
+
+
+def results_of(throughput, ours_s, torch_s):
+    """:func:`assembled` for one scratchvae worker and PyTorch at batch 128."""
+    return assembled(throughput, {("scratchvae-numpy", 128): ours_s, ("torch-cpu", 128): torch_s})
 
 
 def test_same_round_ratio_pairs_the_rounds_and_the_plain_ratio_compares_medians(throughput):
@@ -89,12 +93,7 @@ def test_same_round_ratio_keeps_the_rounds_in_order(throughput):
 
 
 def test_without_pytorch_there_is_no_ratio(throughput):
-    args = SimpleNamespace(note="", batch_sizes=[32], repeats=2, min_time=0.5, warmup=0.5, roofline_time=0.2,
-                           threads=None, blas_threads=None)  # fmt: skip
-    steps = {("scratchvae-numpy", 32): [0.002, 0.003]}
-    out = throughput.assemble(args, {}, {"scratchvae-numpy": {"device": "cpu"}}, {}, [], 3_280_000, steps,
-                              {k: [0.001, 0.001] for k in steps}, {"scratchvae-numpy": {"sq": [100.0]}},
-                              {k: 10 for k in steps}, 2)  # fmt: skip
+    out = assembled(throughput, {("scratchvae-numpy", 32): [0.002, 0.003]})
     row = out["rows"][0]
     assert row["speed_vs_torch"] is None and row["speed_vs_torch_same_round"] is None
     assert throughput._table_rows(out)[0][-2:] == ["-", "-"]
