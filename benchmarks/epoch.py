@@ -126,7 +126,7 @@ def _scratch_worker(conn, backend, epochs, threads=None):
     timed(T.Run, "save", "checkpoint")
 
     tiny = scratchvae.VAE(2, (2,), 1, backend=backend)
-    step_threads = scratchvae.ParallelStep(tiny, scratchvae.Adam(tiny), threads=threads).threads
+    step_threads = scratchvae.parallel.step_threads(tiny, threads)
 
     def run():
         logs = []

@@ -255,9 +255,8 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None
     def info():
         model = make_model()
         layers = [(d.n_in, d.n_out) for d in model.encoder.dense + model.decoder.dense]
-        parallel = sv.ParallelStep(model, sv.Adam(model), threads=threads)
         out = {"impl": f"scratchvae-{backend}", "backend": backend, "layers": layers, "n_params": model.n_params,
-               "scratchvae": sv.__version__, "step_threads": parallel.threads, **numpy_info()}  # fmt: skip
+               "scratchvae": sv.__version__, "step_threads": sv.parallel.step_threads(model, threads), **numpy_info()}  # fmt: skip
         if xp is np:
             out["device"] = cpu_model()
         else:

@@ -64,6 +64,17 @@ def default_threads(model) -> int:
     return min(cpu_count(), MAX_DEFAULT_THREADS)
 
 
+def step_threads(model, threads=None) -> int:
+    """Threads :class:`ParallelStep` ``(model, ..., threads=threads)`` would use: at most this many split a batch.
+
+    ``threads=None`` means :func:`default_threads`; any positive count is
+    accepted, and on the GPU the answer is always 1 (the device is the
+    parallelism). Nothing is started.
+    """
+    threads = check_positive_int(default_threads(model) if threads is None else threads, "threads")
+    return 1 if model.xp is not np else threads
+
+
 class _Helper:
     """A thread that runs the tasks :class:`ParallelStep` hands it, one at a time.
 
@@ -164,10 +175,9 @@ class ParallelStep:
         self.k = check_k(k)
         if objective == "elbo" and self.k != 1:
             raise ValueError(f"objective 'elbo' uses one sample per example; k={k} needs objective 'iwae'")
-        threads = check_positive_int(default_threads(model) if threads is None else threads, "threads")
+        self.threads = step_threads(model, threads)
         min_rows = check_positive_int(min_rows, "min_rows")
         self.model, self.optimizer, self.objective = model, optimizer, objective
-        self.threads = 1 if model.xp is not np else threads  # on the GPU the device is the parallelism
         self.min_rows = min_rows
         self.replicas = [model]  # one per part of a batch, made when first needed
         self._helpers = []

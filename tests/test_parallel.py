@@ -22,7 +22,7 @@ from scratchvae import backend as B
 from scratchvae import losses as L
 from scratchvae.layers import ReLU
 from scratchvae.model import LIKELIHOODS
-from scratchvae.parallel import MIN_ROWS, ParallelStep, default_threads
+from scratchvae.parallel import MIN_ROWS, ParallelStep, default_threads, step_threads
 
 
 def pair(likelihood="bernoulli", dtype="float64", opt=sv.Adam, **kw):
@@ -358,13 +358,22 @@ def test_overlapping_open_steps_restore_blas_when_the_last_one_closes():
 def test_default_threads():
     (m, o), _ = pair()
     expected = 1 if B.blas_threads() is None else min(B.cpu_count(), 8)
-    assert default_threads(m) == expected == ParallelStep(m, o).threads
+    assert default_threads(m) == expected == ParallelStep(m, o).threads == step_threads(m)
 
 
 def test_on_the_gpu_the_step_uses_one_thread(backend):
     m = sv.VAE(12, (10,), 3, backend=backend, dtype="float32")
     step = ParallelStep(m, sv.Adam(m), threads=4)
-    assert step.threads == (4 if backend == "numpy" else 1)
+    assert step.threads == step_threads(m, 4) == (4 if backend == "numpy" else 1)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_step_threads_rejects_what_the_step_rejects(bad):
+    (m, o), _ = pair()
+    with pytest.raises((TypeError, ValueError)) as step_err:
+        ParallelStep(m, o, threads=bad)
+    with pytest.raises(type(step_err.value), match="threads"):
+        step_threads(m, bad)
 
 
 # --------------------------------------------------------------------------------------
