@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
+
+# <name>.<pid>.<random>.tmp, as atomic_write names its temporary files
+_TEMPORARY = re.compile(r"(?P<name>.+)\.(?P<pid>[1-9][0-9]*)\.[0-9a-f]{8}\.tmp")
 
 
 def atomic_write(path, write, fsync: bool = False) -> None:
@@ -33,3 +37,42 @@ def atomic_write(path, write, fsync: bool = False) -> None:
         except OSError:
             pass
         raise
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only the existence check is made
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_orphans(directory, ours=lambda name: True) -> list:
+    """Delete the temporary files of :func:`atomic_write` whose writer died, in ``directory``.
+
+    A kill (or a power cut) in the middle of :func:`atomic_write` leaves its
+    ``<name>.<pid>.<random>.tmp`` behind; ``<name>`` itself still holds its
+    last complete version. Such a file is deleted when ``ours(<name>)`` is
+    true and no process ``<pid>`` exists now; files of running processes
+    (this one included) and every other file stay. Only on POSIX, where
+    ``os.kill(pid, 0)`` asks without signalling; elsewhere nothing is
+    deleted. Returns the names of the deleted files, sorted.
+    """
+    if os.name != "posix":
+        return []
+    removed = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or not ours(match["name"]) or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:  # someone else removed it first
+            continue
+        removed.append(entry.name)
+    return removed

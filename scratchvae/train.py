@@ -27,7 +27,7 @@ import numpy as np
 
 from . import data as D
 from . import images
-from ._files import atomic_write
+from ._files import atomic_write, remove_orphans
 from .backend import Generator, backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from .evaluate import check_k, check_positive_int, iwae_bound
@@ -520,6 +520,9 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # it, or a folder above it, is a file
             raise OSError(f"cannot create the run folder {self.out} ({exc.strerror or exc})") from None
+        orphans = remove_orphans(self.out, ours=lambda name: name in (CHECKPOINT, METRICS) or name.endswith(".png"))
+        if orphans:
+            self.log(f"removed what a killed write left behind in {self.out}: {', '.join(orphans)}")
         if cfg.resume:
             if (self.out / CHECKPOINT).exists():
                 self.restore()

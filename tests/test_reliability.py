@@ -9,7 +9,8 @@ parser. What must hold:
 * a resumed run ends with parameters bitwise equal to an uninterrupted run with
   the same seed, and ``metrics.jsonl`` holds every epoch exactly once;
 * ``checkpoint.npz`` is always one complete version, whatever moment a process
-  dies at; leftover ``checkpoint.npz.*.tmp`` files are never read;
+  dies at; leftover ``checkpoint.npz.*.tmp`` files are never read, and the next
+  run in the folder deletes those whose writer is dead;
 * no checkpoint with non-finite parameters is ever written;
 * loading any bytes gives a checkpoint or a :class:`CheckpointError`, and the
   command line answers bad input with one line and exit status 2.
@@ -37,6 +38,7 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from scratchvae import train as T
+from scratchvae._files import remove_orphans
 from scratchvae.checkpoint import VERSION, CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from scratchvae.cli import UsageError, build_parser, cmd_train, main
 from scratchvae.model import VAE
@@ -177,13 +179,54 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path)
     assert killed["epoch"] == 2 and 3 <= killed["step"] < N_STEPS, killed["step"]
     assert [r["epoch"] for r in metrics_rows(out)] == [1]
 
-    # Some earlier crash also left a half-written temporary file beside the checkpoint.
-    (out / "checkpoint.npz.k7q2x9.tmp").write_bytes(reference["checkpoint"].read_bytes()[:1000])
+    # Some earlier crash also left half-written temporary files beside the checkpoint: one named
+    # as atomic_write names them, by a process that no longer exists, and one of another pattern.
+    orphan = f"checkpoint.npz.{dead_pid()}.0123abcd.tmp"
+    for name in (orphan, "checkpoint.npz.k7q2x9.tmp"):
+        (out / name).write_bytes(reference["checkpoint"].read_bytes()[:1000])
 
     status, stdout, stderr = run_train(out, "--checkpoint-every", 1, "--resume")
     assert status == 0, stderr
     assert f"resuming {out} at epoch 2, step {killed['step']}" in stdout
     assert_same_as_reference(out, reference)
+    tmp_left = sorted(p.name for p in out.glob("*.tmp"))
+    if os.name == "posix":  # the kill may have left one more, of its own
+        said = f"removed what a killed write left behind in {out}: "
+        (line,) = [line for line in stdout.splitlines() if line.startswith(said)]
+        assert orphan in line[len(said) :].split(", ")
+        assert tmp_left == ["checkpoint.npz.k7q2x9.tmp"]  # not atomic_write's: left alone
+    else:
+        assert "checkpoint.npz.k7q2x9.tmp" in tmp_left
+
+
+def dead_pid():
+    """The process id of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.skipif(os.name != "posix", reason="whether a process exists is asked with os.kill(pid, 0)")
+def test_only_temporary_files_of_dead_writers_are_removed(tmp_path):
+    dead = dead_pid()
+    files = {  # name: removed?
+        f"checkpoint.npz.{dead}.0123abcd.tmp": True,
+        f"samples.png.{dead}.89abcdef.tmp": True,
+        f"checkpoint.npz.{os.getppid()}.0123abcd.tmp": False,  # its writer still runs
+        f"checkpoint.npz.{os.getpid()}.0123abcd.tmp": False,  # this process's own
+        f"notes.txt.{dead}.0123abcd.tmp": False,  # not a name of ours
+        "checkpoint.npz.k7q2x9.tmp": False,  # not atomic_write's pattern
+        f"checkpoint.npz.{dead}.0123ABCD.tmp": False,
+        f"checkpoint.npz.{dead}.0123abcd.tmp.txt": False,
+        "checkpoint.npz": False,
+    }
+    for name in files:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / f"checkpoint.npz.{dead}.00000000.tmp").mkdir()  # not a file
+    removed = remove_orphans(tmp_path, ours=lambda name: name == "checkpoint.npz" or name.endswith(".png"))
+    assert removed == sorted(name for name, gone in files.items() if gone)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([name for name, gone in files.items() if not gone] + [f"checkpoint.npz.{dead}.00000000.tmp"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -253,6 +296,10 @@ def test_sigkill_during_checkpoint_writes_leaves_one_complete_version(tmp_path):
             except CheckpointError:
                 continue
             assert np.array_equal(partial.params, np.full(n, partial.meta["counter"], np.float32))
+        if os.name == "posix":  # their writers are dead: the names atomic_write gave them are recognised
+            assert remove_orphans(tmp_path) == [p.name for p in leftovers]
+            assert sorted(tmp_path.iterdir()) == [path]
+            assert load_checkpoint(path).meta["counter"] == on_disk
     finally:
         for p in tmp_path.iterdir():
             p.unlink()
