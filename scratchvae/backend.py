@@ -270,6 +270,19 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+# The generator streams of one seed. Every random thing in a run draws from a stream of
+# its own: on NumPy two generators with the same seed and stream give the same bits, so
+# two uses sharing a stream would draw numbers that depend on each other.
+STREAM_INIT = 0  # initial parameters (the model)
+STREAM_NOISE = 1  # reparameterization noise of the training steps (the model)
+STREAM_DATA = 2  # data order and dynamic binarization while training
+STREAM_EVAL_DATA = 3  # dynamic binarization of evaluated images: every evaluation sees the same ones
+STREAM_EVAL_IWAE = 4  # noise of the importance-weighted bound (evaluate_nll)
+STREAM_PICTURES = 5  # the samples in a run's pictures
+STREAM_EVAL_ELBO = 6  # noise of the one-sample ELBO on held-out images (evaluate_elbo)
+STREAM_SAMPLE = 7  # ``scratchvae sample``
+
+
 class Generator:
     """A seeded random generator living next to a model's arrays.
 
@@ -284,8 +297,8 @@ class Generator:
     xp : module
         ``numpy`` or ``cupy``.
     stream : int
-        Independent streams from one seed (initialisation, noise, data order
-        and evaluation each use their own).
+        Independent streams from one seed: each use has its own, listed in
+        the ``STREAM_*`` constants of this module.
     """
 
     def __init__(self, seed: int, xp=np, stream: int = 0):

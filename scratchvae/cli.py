@@ -254,10 +254,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_sample(args) -> int:
     from . import images
-    from .backend import Generator
+    from .backend import STREAM_SAMPLE, Generator
 
     _, model = _load(args.checkpoint, args.backend)
-    x = model.sample(args.n, rng=Generator(args.seed, model.xp, stream=7))
+    x = model.sample(args.n, rng=Generator(args.seed, model.xp, stream=STREAM_SAMPLE))
     images.save_grid(args.out, x, ncols=min(args.n, 10))
     print(f"wrote {args.n} samples to {args.out}")
     return 0

@@ -25,12 +25,11 @@ from typing import NamedTuple
 import numpy as np
 
 from . import losses as L
-from .backend import Generator, get_xp, to_device
+from .backend import STREAM_INIT, STREAM_NOISE, Generator, get_xp, to_device
 from .layers import MLP, Activation, Workspace, bind_flat, make_activation, sigmoid
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 DTYPES = {"float32": np.float32, "float64": np.float64}
-STREAM_INIT, STREAM_NOISE = 0, 1  # generator streams of a model's seed
 
 
 class Loss(NamedTuple):

@@ -28,6 +28,7 @@ import numpy as np
 from . import data as D
 from . import images
 from ._files import atomic_write, remove_orphans
+from .backend import STREAM_DATA, STREAM_EVAL_DATA, STREAM_EVAL_ELBO, STREAM_EVAL_IWAE, STREAM_PICTURES
 from .backend import Generator, backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from .evaluate import check_k, check_positive_int, iwae_bound
@@ -36,7 +37,6 @@ from .model import VAE
 from .optim import OPTIMIZERS
 from .parallel import ParallelStep
 
-STREAM_DATA, STREAM_EVAL = 2, 3  # generator streams of the run's seed (0, 1 belong to the model)
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
 OBJECTIVES = ("elbo", "iwae")
@@ -263,8 +263,8 @@ def evaluate_elbo(model, images_u8, binarize, seed, batch_size=1000):
     The noise and dynamic binarization come from a generator seeded by
     ``seed`` alone, so the number is the same whenever it is computed.
     """
-    rng_data = Generator(seed, np, stream=STREAM_EVAL)
-    rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL)
+    rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
+    rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_ELBO)
     stats = EpochStats()
     for xb in batches_of(images_u8, model, binarize, rng_data, batch_size):
         recon, kl = model._loss_parts(xb, rng_eps.normal((xb.shape[0], model.latent_dim), model.dtype))
@@ -278,8 +278,8 @@ def evaluate_nll(model, images_u8, binarize, seed, k=5000, batch_size=100, progr
 
     Returns ``(mean, standard_error)`` over the examples.
     """
-    rng_data = Generator(seed, np, stream=STREAM_EVAL)
-    rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL + 1)
+    rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
+    rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_IWAE)
     values = []
     n = len(images_u8)
     for i, xb in enumerate(batches_of(images_u8, model, binarize, rng_data, batch_size)):
@@ -607,9 +607,9 @@ class Run:
 def write_pictures(model, out, test_x, test_y, history, cfg) -> list:
     """The run folder's pictures; returns notes on how plots were rendered."""
     out = Path(out)
-    rng = Generator(cfg.seed, model.xp, stream=STREAM_EVAL + 2)
+    rng = Generator(cfg.seed, model.xp, stream=STREAM_PICTURES)
     images.save_grid(out / "samples.png", model.sample(100, rng=rng), ncols=10)
-    x = next(batches_of(test_x[:40], model, cfg.binarize, Generator(cfg.seed, np, stream=STREAM_EVAL), 40))
+    x = next(batches_of(test_x[:40], model, cfg.binarize, Generator(cfg.seed, np, stream=STREAM_EVAL_DATA), 40))
     images.save_reconstructions(out / "reconstructions.png", x, model.reconstruct(x), ncols=10)
     notes = []
     if history:

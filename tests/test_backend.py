@@ -172,6 +172,12 @@ def test_generator_is_deterministic_per_seed_and_stream(backend, xp, dtype):
     assert not np.array_equal(draws(7, stream=1)[0], n1)  # another stream of the same seed
 
 
+def test_every_use_of_a_seed_has_a_stream_of_its_own():
+    streams = {name: value for name, value in vars(scratchvae.backend).items() if name.startswith("STREAM_")}
+    assert len(streams) == 8, sorted(streams)
+    assert len(set(streams.values())) == len(streams), streams
+
+
 def test_generator_ignores_and_leaves_alone_global_random_state(backend, xp):
     untouched = Generator(3, xp)
     expected = [to_numpy(untouched.normal((100,))) for _ in range(2)]

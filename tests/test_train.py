@@ -7,7 +7,8 @@ import pytest
 
 from scratchvae.checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from scratchvae.model import VAE
-from scratchvae.train import CHECKPOINT, METRICS, Run, TrainConfig, evaluate_elbo, train
+from scratchvae import train as T
+from scratchvae.train import CHECKPOINT, METRICS, Run, TrainConfig, evaluate_elbo, evaluate_nll, train
 
 
 def small_config(tmp_path, **kw):
@@ -62,6 +63,30 @@ def test_checkpoint_restores_a_model_that_evaluates_identically(tmp_path):
     assert ckpt.meta["model"]["latent_dim"] == 4
     for key in ("opt_m_sum", "opt_v_sum"):
         assert ckpt.arrays[key].shape == model.params.shape
+
+
+def test_evaluations_draw_noise_and_binarization_from_streams_of_their_own(monkeypatch):
+    """On NumPy two generators of one seed and stream give the same bits: noise drawn from the
+    binarization's stream would depend on the binarized images. Both evaluations binarize alike."""
+    made = []
+
+    class Recording(T.Generator):
+        def __init__(self, seed, xp=np, stream=0):
+            super().__init__(seed, xp, stream)
+            made.append(stream)
+
+    monkeypatch.setattr(T, "Generator", Recording)
+    model = VAE(784, (16,), 3, seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (20, 784), dtype=np.uint8)
+    streams = {}
+    for name, evaluate in [("elbo", lambda: evaluate_elbo(model, images, "dynamic", seed=1, batch_size=8)),
+                           ("nll", lambda: evaluate_nll(model, images, "dynamic", seed=1, k=3, batch_size=8))]:  # fmt: skip
+        made.clear()
+        evaluate()
+        streams[name] = data, noise = tuple(made)  # the data generator is made first
+        assert data != noise, name
+    assert streams["elbo"][0] == streams["nll"][0]  # the same binarized test set
+    assert len({streams["elbo"][1], streams["nll"][1], streams["elbo"][0]}) == 3
 
 
 def test_resume_continues_to_identical_parameters(tmp_path):
