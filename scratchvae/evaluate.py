@@ -18,7 +18,6 @@ import math
 import operator
 
 from . import losses as L
-from .backend import Generator
 
 
 def check_positive_int(value, name: str) -> int:
@@ -67,7 +66,7 @@ def iwae_bound(model, x, k=5000, *, rng=None, max_elements=1 << 23):
     x : array ``(batch, D)``, float, checked like :meth:`VAE.loss_and_grad`
     k : int
         Number of importance samples :math:`K \ge 1`.
-    rng : Generator, optional
+    rng : scratchvae.backend.Generator, optional
         Source of the noise (the model's own generator by default).
     max_elements : int
         Bound on the decoder outputs held at once (``chunk * batch * D``).
@@ -75,7 +74,7 @@ def iwae_bound(model, x, k=5000, *, rng=None, max_elements=1 << 23):
     k = check_k(k)
     x = model.check_input(x, bounded=getattr(model, "likelihood", None) == "bernoulli")
     xp = model.xp
-    rng = rng or model.rng or Generator(0, xp)
+    rng = model.rng if rng is None else rng
     B, J, D = x.shape[0], model.latent_dim, model.input_dim
     chunk = max(1, min(k, max_elements // max(1, B * D)))
     acc = xp.full((B,), -xp.inf, dtype="float64")  # running log sum_k w_k

@@ -260,8 +260,9 @@ def batches_of(images_u8, model, binarize, rng, batch_size):
 def evaluate_elbo(model, images_u8, binarize, seed, batch_size=1000):
     """Per-example means of the negative ELBO and its parts over a data set (one noise sample each).
 
-    The noise and dynamic binarization come from a generator seeded by
-    ``seed`` alone, so the number is the same whenever it is computed.
+    The dynamic binarization and the noise come from two generators seeded
+    by ``seed`` alone (streams of their own), so the number is the same
+    whenever it is computed, and every evaluation binarizes the same way.
     """
     rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
     rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_ELBO)

@@ -38,7 +38,7 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from scratchvae import train as T
-from scratchvae._files import remove_orphans
+from scratchvae._files import atomic_write, remove_orphans
 from scratchvae.checkpoint import VERSION, CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from scratchvae.cli import UsageError, build_parser, cmd_train, main
 from scratchvae.model import VAE
@@ -209,24 +209,50 @@ def dead_pid():
 @pytest.mark.skipif(os.name != "posix", reason="whether a process exists is asked with os.kill(pid, 0)")
 def test_only_temporary_files_of_dead_writers_are_removed(tmp_path):
     dead = dead_pid()
-    files = {  # name: removed?
-        f"checkpoint.npz.{dead}.0123abcd.tmp": True,
-        f"samples.png.{dead}.89abcdef.tmp": True,
-        f"checkpoint.npz.{os.getppid()}.0123abcd.tmp": False,  # its writer still runs
-        f"checkpoint.npz.{os.getpid()}.0123abcd.tmp": False,  # this process's own
-        f"notes.txt.{dead}.0123abcd.tmp": False,  # not a name of ours
-        "checkpoint.npz.k7q2x9.tmp": False,  # not atomic_write's pattern
-        f"checkpoint.npz.{dead}.0123ABCD.tmp": False,
-        f"checkpoint.npz.{dead}.0123abcd.tmp.txt": False,
-        "checkpoint.npz": False,
-    }
-    for name in files:
-        (tmp_path / name).write_bytes(b"x")
-    (tmp_path / f"checkpoint.npz.{dead}.00000000.tmp").mkdir()  # not a file
-    removed = remove_orphans(tmp_path, ours=lambda name: name == "checkpoint.npz" or name.endswith(".png"))
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        files = {  # name: removed?
+            f"checkpoint.npz.{dead}.0123abcd.tmp": True,
+            f"samples.png.{dead}.89abcdef.tmp": True,
+            f"checkpoint.npz.{os.getpid()}.0123abcd.tmp": True,  # this process's pid, but not a write of this process
+            f"checkpoint.npz.{alive.pid}.0123abcd.tmp": False,  # its writer still runs
+            f"notes.txt.{dead}.0123abcd.tmp": False,  # not a name of ours
+            "checkpoint.npz.k7q2x9.tmp": False,  # not atomic_write's pattern
+            f"checkpoint.npz.{dead}.0123ABCD.tmp": False,
+            f"checkpoint.npz.{dead}.0123abcd.tmp.txt": False,
+            "checkpoint.npz.9999999999.0123abcd.tmp": False,  # no such pid can be asked about: kept
+            "checkpoint.npz.99999999999.0123abcd.tmp": False,  # not a pid
+            "checkpoint.npz": False,
+        }
+        for name in files:
+            (tmp_path / name).write_bytes(b"x")
+        (tmp_path / f"checkpoint.npz.{dead}.00000000.tmp").mkdir()  # not a file
+        removed = remove_orphans(tmp_path, ours=lambda name: name == "checkpoint.npz" or name.endswith(".png"))
+    finally:
+        alive.kill()
+        alive.wait()
     assert removed == sorted(name for name, gone in files.items() if gone)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([name for name, gone in files.items() if not gone] + [f"checkpoint.npz.{dead}.00000000.tmp"])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="whether a process exists is asked with os.kill(pid, 0)")
+def test_a_write_in_progress_in_this_process_is_not_removed(tmp_path):
+    seen = []
+
+    def write(f):  # in the middle of the write, another part of the process cleans the folder
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        seen.append(remove_orphans(tmp_path))
+        f.write(b"complete")
+
+    atomic_write(tmp_path / "metrics.jsonl", write)
+    (writing,), removed = seen
+    assert re.fullmatch(rf"metrics\.jsonl\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp", writing)
+    assert removed == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b"complete"
+    (tmp_path / writing).write_bytes(b"half")  # the same name once the write is over: an orphan
+    assert remove_orphans(tmp_path) == [writing]
 
 
 # ------------------------------------------------------------------------------------------
