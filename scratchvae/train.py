@@ -14,6 +14,7 @@ data order, so a resumed run continues exactly where the first one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -392,9 +393,9 @@ class Run:
         1e17 in float32; the parameters then stop moving but stay finite, so
         the loss alone would not show it.)
         """
-        state = [a for k, a in self.opt.state_dict().items() if k != "t"]
-        for what, arrays in (("parameters", [self.model.params]), ("optimiser's state", state)):
-            if not all(bool(self.xp.isfinite(a).all()) for a in arrays):
+        opt_state = {f"opt_{k}": v for k, v in self.opt.state_dict().items() if k != "t"}  # live arrays
+        for what, checked in (("parameters", [self.model.params]), ("optimiser's state", opt_state.values())):
+            if not all(bool(self.xp.isfinite(a).all()) for a in checked):
                 raise TrainingDiverged(
                     f"the {what} became NaN or inf (checkpoint at epoch {self.epoch}, step {self.step} not written); "
                     f"try a smaller --lr (now {self.cfg.lr}); the last good checkpoint is kept"
@@ -410,7 +411,7 @@ class Run:
             "stats": dataclasses.asdict(self.stats),
             "history": self.history,
         }
-        arrays = {f"opt_{k}": v for k, v in self.opt.state_dict().items() if k != "t"}
+        arrays = dict(opt_state)
         if self.perm is not None:
             arrays["perm"] = self.perm
         return save_checkpoint(self.out / CHECKPOINT, self.model.params, meta, arrays)
@@ -451,9 +452,9 @@ class Run:
             raise CheckpointError(f"checkpoint {path} has no usable data order for its mid-epoch position")
         self.model.params[...] = model.params
         self.epoch, self.step, self.perm, self.stats, self.history = epoch, step, perm, stats, history
-        threads = ckpt.meta.get("step_threads")  # absent in checkpoints written before the steps were split
-        if self.cfg.threads is None and isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
-            self._threads = min(threads, 1024)  # the same split as before the interruption: bitwise the same run
+        if self.cfg.threads is None:  # the same split as before the interruption: bitwise the same run
+            with contextlib.suppress(ValueError):  # absent (written before steps were split) or not a count
+                self._threads = min(check_positive_int(ckpt.meta.get("step_threads"), "step_threads"), 1024)
 
     # ---------------------------------------------------------------- training
 
