@@ -484,13 +484,20 @@ def test_numpy_wheels_blas_thread_count_is_found():
 # --------------------------------------------------------------------------------------
 
 
+def trainer_config(out, **kw):
+    """A small run of the trainer in ``out``: one epoch of 256 images."""
+    from scratchvae.train import TrainConfig
+
+    base = dict(epochs=1, train_size=256, test_size=64, hidden=(32,), latent=4, out=str(out), progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
 def test_the_trainer_splits_its_steps_and_agrees_with_one_thread(tmp_path):
-    from scratchvae.train import Run, TrainConfig
+    from scratchvae.train import Run
 
     runs, blas = {}, B.blas_threads()
     for t in (1, 2):
-        cfg = TrainConfig(epochs=1, batch_size=64, train_size=256, test_size=64, hidden=(32,), latent=4,
-                          dtype="float64", out=str(tmp_path / f"t{t}"), progress=False, threads=t)  # fmt: skip
+        cfg = trainer_config(tmp_path / f"t{t}", batch_size=64, dtype="float64", threads=t)
         runs[t] = Run(cfg, log=lambda *_: None)
         runs[t].run()
     assert runs[1].step_fn.n_parts(64) == 1 and runs[2].step_fn.n_parts(64) == 2
@@ -501,12 +508,10 @@ def test_the_trainer_splits_its_steps_and_agrees_with_one_thread(tmp_path):
 
 
 def test_a_resumed_run_keeps_the_thread_count_of_its_checkpoint(tmp_path):
-    from scratchvae.train import Run, TrainConfig
+    from scratchvae.train import Run
 
     def config(**kw):
-        base = dict(epochs=1, batch_size=128, train_size=256, test_size=64, hidden=(32,), latent=4,
-                    out=str(tmp_path / "run"), progress=False)  # fmt: skip
-        return TrainConfig(**{**base, **kw})
+        return trainer_config(tmp_path / "run", batch_size=128, **kw)
 
     Run(config(threads=3), log=lambda *_: None).run()
     logs = []
