@@ -644,8 +644,9 @@ def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n
         peer = by_key.get((_peer(r["impl"]), r["batch"]))
         r["speed_vs_torch"] = peer["ms_per_step"] / r["ms_per_step"] if peer else None
         # both timed in the same round, one after the other: a slow spell of the machine slows both sides
-        same_round = [p / own for p, own in zip(peer["samples_ms"], r["samples_ms"])] if peer else None
-        r["speed_vs_torch_same_round"] = summarize(same_round) if peer else None
+        r["speed_vs_torch_same_round"] = (
+            summarize([p / own for p, own in zip(peer["samples_ms"], r["samples_ms"])]) if peer else None
+        )
     return {
         "benchmark": "throughput",
         "what": "one training step (forward, backward, Adam) of the 784-400-20 Bernoulli VAE, float32, MNIST grey levels",
