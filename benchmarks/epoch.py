@@ -1,7 +1,7 @@
 """Wall time and peak memory of full MNIST training epochs: scratchvae's trainer against a PyTorch loop.
 
 scratchvae runs exactly what ``scratchvae train`` runs:
-``scratchvae.train.train(TrainConfig(epochs=E, out=<temporary folder>, progress=False))``
+``scratchvae.train.train(TrainConfig(epochs=E, out=<temporary folder>))``
 with the default settings (784-400-20 VAE, ReLU, Bernoulli likelihood on grey
 levels, batch 128, Adam lr 1e-3, float32, seed 0), including what the trainer
 does besides training: loading MNIST, the test-set ELBO after each epoch, a
@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from common import (  # noqa: E402
     Worker,
     WorkerError,
     add_shared_arguments,
@@ -95,7 +95,7 @@ def _scratch_worker(conn, backend, epochs, threads=None):
 
     import scratchvae
     import scratchvae.train as T
-    from _common import numpy_info
+    from common import numpy_info
     from scratchvae.backend import device_name, get_xp
 
     xp = get_xp(backend)
@@ -126,12 +126,12 @@ def _scratch_worker(conn, backend, epochs, threads=None):
     timed(T.Run, "save", "checkpoint")
 
     tiny = scratchvae.VAE(2, (2,), 1, backend=backend)
-    step_threads = scratchvae.parallel.step_threads(tiny, threads)
+    step_threads = scratchvae.make_engine("auto", tiny, scratchvae.Adam(tiny), threads=threads).threads
 
     def run():
         logs = []
         with tempfile.TemporaryDirectory(prefix="scratchvae-bench-") as tmp:
-            cfg = T.TrainConfig(epochs=epochs, out=tmp, progress=False, backend=backend, threads=threads)
+            cfg = T.TrainConfig(epochs=epochs, out=tmp, backend=backend, threads=threads)
             t0 = time.perf_counter()
             history = T.train(cfg, log=logs.append)
             if xp is not np:

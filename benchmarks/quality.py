@@ -14,7 +14,7 @@ The setting of the IWAE paper's Table 1 (MNIST, one stochastic layer):
   ``--objective iwae --k K``;
 * after each stage, the test negative log-likelihood estimated by the
   importance-weighted bound with :math:`K = 5000` samples
-  (:func:`scratchvae.train.evaluate_nll`) on the dynamically binarized test set.
+  (:func:`scratchvae.evaluate.evaluate_nll`) on the dynamically binarized test set.
 
 The paper's figures after the whole schedule: VAE (k = 1) 86.76 nats, IWAE
 k = 5 85.54, k = 50 84.78 (IWAE with k = 1 is the VAE, 86.76). Each stage's
@@ -59,7 +59,7 @@ N_STAGES = 8
 BASE_LR = 1e-3
 BATCH_SIZE = 20
 ADAM = dict(betas=(0.9, 0.999), eps=1e-4)
-ARCHITECTURE = dict(hidden=(200, 200), latent=50, activation="tanh", init="glorot",
+ARCHITECTURE = dict(hidden=(200, 200), latent_dim=50, activation="tanh", init="glorot",
                     likelihood="bernoulli", binarize="dynamic", dtype="float32")  # fmt: skip
 # Burda, Grosse & Salakhutdinov (2015), Table 1, MNIST, one stochastic layer: test NLL in nats.
 PAPER = {("elbo", 1): 86.76, ("iwae", 1): 86.76, ("iwae", 5): 85.54, ("iwae", 50): 84.78}
@@ -161,20 +161,21 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     from scratchvae.backend import backend_name, device_name
     from scratchvae.optim import Adam
-    from scratchvae.train import CHECKPOINT, EpochStats, Run, TrainConfig, evaluate_elbo, evaluate_nll
+    from scratchvae.cli import progress_factory
+    from scratchvae.evaluate import evaluate_elbo, evaluate_nll
+    from scratchvae.train import CHECKPOINT, EpochStats, Run, TrainConfig
 
     for name in ("k", "eval_k", "max_passes", "n_test"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     out = Path(args.out or f"runs/quality-{args.objective}-k{args.k}")
-    show = {"auto": None, "on": True, "off": False}[args.progress]
     cfg = TrainConfig(
         data_dir=args.data_dir, epochs=TOTAL_PASSES, batch_size=BATCH_SIZE, lr=BASE_LR, optimizer="adam",
         objective=args.objective, k=args.k, backend=args.backend, seed=args.seed, out=str(out),
-        train_size=args.train_size, progress=show, **ARCHITECTURE,
+        train_size=args.train_size, **ARCHITECTURE,
     )  # fmt: skip
-    run = Run(cfg)
+    run = Run(cfg, progress=progress_factory(args.progress))
     run.opt = Adam(run.model, lr=BASE_LR, **ADAM)  # the paper's eps; the trainer's Adam has 1e-8
     if (out / CHECKPOINT).exists():
         run.restore()  # refuses a checkpoint of another configuration

@@ -1,11 +1,12 @@
 r"""Training-step throughput of scratchvae against PyTorch, with the machine's matmul roofline.
 
-One *step* is what the trainer does per minibatch: ``ParallelStep._step(x)``
-(forward, hand-written backward, gradients into the flat buffer, then the
-Adam update, lr 1e-3; split over ``--threads`` threads by rows of the batch,
-as in the trainer), for the 784-400-20 VAE (ReLU, Bernoulli
-likelihood from logits, float32) on a fixed batch of real MNIST grey levels,
-with fresh reparameterization noise every step. PyTorch runs the same model
+One *step* is what the trainer does per minibatch: ``engine.step(x)`` of
+the trainer's engine (forward, hand-written backward, gradients into the flat
+buffer, then the Adam update, lr 1e-3; on the ``cpu`` engine split over
+``--threads`` threads by rows of the batch, as in the trainer), for the
+784-400-20 VAE (ReLU, Bernoulli likelihood from logits, float32) on a fixed
+batch of real MNIST grey levels, with fresh reparameterization noise every
+step. ``--engines reference,cpu`` times the textbook step beside the fast one. PyTorch runs the same model
 and loss (``torch_vae.TorchVAE``) with autograd and ``torch.optim.Adam``.
 
 How it is measured:
@@ -42,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from common import (  # noqa: E402
     Worker,
     WorkerError,
     add_shared_arguments,
@@ -207,15 +208,16 @@ def _common_handlers(cases, matmul, empty, rand, layers, roofline_time, gpu):
 
 
 
-def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None):
-    """Worker for scratchvae on ``backend`` ("numpy" or "cupy"); ``threads``: the step's (None: its default)."""
+def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None, engine="auto"):
+    """Worker for scratchvae on ``backend`` ("numpy" or "cupy") with ``engine``; ``threads``: the cpu engine's (None: its default)."""
     use_checkout()
     import numpy as np
 
     import scratchvae as sv
-    from _common import numpy_info
+    from common import numpy_info
     from scratchvae.backend import device_name, get_xp, to_device
     from scratchvae.data import load_mnist, to_float_batch
+    from scratchvae.engines import engine_name
 
     xp = get_xp(backend)
     sync = xp.cuda.Device().synchronize if xp is not np else (lambda: None)
@@ -228,23 +230,27 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None
             backend=backend, dtype="float32", seed=0,
         )  # fmt: skip
 
-    open_steps = []  # a ParallelStep holds BLAS to one thread while open: closed after each round
+    open_engines = []  # the cpu engine holds BLAS to one thread while open: closed after each round
+
+    def make_engine(model, opt):
+        on_cpu = engine_name(engine, model) == "cpu"
+        return sv.make_engine(engine, model, opt, threads=threads if on_cpu else None)  # what the trainer runs
 
     def make_step(batch):
         model = make_model()
         opt = sv.Adam(model, lr=LR)
         x = to_device(to_float_batch(images[:batch], "none", dtype=np.float32), xp)
-        parallel = sv.ParallelStep(model, opt, threads=threads)  # what the trainer runs
-        open_steps.append(parallel)
+        runs = make_engine(model, opt)
+        open_engines.append(runs)
 
         def step():
-            parallel._step(x)  # fresh eps from the model's generator, as in training
+            runs.step(x, check_input=False)  # fresh eps from the model's generator; the trainer checks its data once
 
         return step
 
-    def close_steps():  # a step reopens itself when next called
-        for parallel in open_steps:
-            parallel.close()
+    def close_steps():  # an engine reopens itself when next called
+        for runs in open_engines:
+            runs.close()
 
     def time_step(batch):
         try:
@@ -255,8 +261,9 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None
     def info():
         model = make_model()
         layers = [(d.n_in, d.n_out) for d in model.encoder.dense + model.decoder.dense]
+        runs = make_engine(model, sv.Adam(model, lr=LR))  # builds nothing that runs: threads start at the first step
         out = {"impl": f"scratchvae-{backend}", "backend": backend, "layers": layers, "n_params": model.n_params,
-               "scratchvae": sv.__version__, "step_threads": sv.parallel.step_threads(model, threads), **numpy_info()}  # fmt: skip
+               "scratchvae": sv.__version__, "engine": runs.name, "step_threads": runs.threads, **numpy_info()}  # fmt: skip
         if xp is np:
             out["device"] = cpu_model()
         else:
@@ -394,6 +401,14 @@ def _positive_ints(text):
     return values
 
 
+def _engines(text):
+    names = [v.strip().lower() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in ("auto", "reference", "cpu")]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"engines are auto, reference or cpu, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def _backends(text):
     names = [v.strip().lower() for v in text.split(",") if v.strip()]
     bad = [n for n in names if n not in ("numpy", "cupy", "auto")]
@@ -421,6 +436,7 @@ outputs:
 examples:
   python benchmarks/throughput.py                         # the recorded run
   python benchmarks/throughput.py --batch-sizes 32,128 --repeats 3 --no-save
+  python benchmarks/throughput.py --engines reference,cpu  # the textbook step beside the fast one
   python benchmarks/throughput.py --backends numpy,cupy   # on a GPU machine
   python benchmarks/throughput.py --profile 128           # where a step's time goes"""
 
@@ -444,9 +460,13 @@ def parse_args(argv=None):
                    help="untimed steps for at least S seconds before the first round (default: %(default)s)")  # fmt: skip
     p.add_argument("--roofline-time", type=float, default=0.2, metavar="S",
                    help="seconds per matmul shape and round when measuring the peak rate (default: %(default)s)")  # fmt: skip
+    p.add_argument("--engines", type=_engines, default=["auto"], metavar="NAME,...",
+                   help="scratchvae engines to time, each in a worker of its own: auto (the trainer's: cpu on numpy, "
+                        "reference on cupy), reference (the textbook step) or cpu (default: auto); with several, "
+                        "workers are named scratchvae-BACKEND-ENGINE")  # fmt: skip
     p.add_argument("--threads", type=_positive_ints, default=None, metavar="N,N,...",
-                   help="threads of scratchvae's training step (scratchvae.ParallelStep; default: its own choice, "
-                        "one per CPU, at most 8, on numpy); several values time one numpy worker each, named scratchvae-numpy-tN")  # fmt: skip
+                   help="threads of the cpu engine's training step (default: its own choice, one per CPU, at most 8); "
+                        "several values time one worker each, named ...-tN")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="PyTorch intra-op threads (default: as many CPUs as the first scratchvae-numpy worker's "
                         "step uses: its step threads, or its BLAS threads when the step runs on one)")  # fmt: skip
@@ -495,7 +515,8 @@ def _log(msg):
 
 def run_profile(args, unset):
     threads = args.threads[0] if args.threads else None
-    w = Worker("scratchvae-numpy", _scratch_worker, ("numpy", args.min_time, args.warmup, args.roofline_time, threads),
+    w = Worker("scratchvae-numpy", _scratch_worker,
+               ("numpy", args.min_time, args.warmup, args.roofline_time, threads, args.engines[0]),
                unset, blas_thread_env(args.blas_threads))  # fmt: skip
     try:
         info = w.call("info")
@@ -552,13 +573,18 @@ def main(argv=None):
     workers, infos = {}, {}
     try:
         for backend in backends:
-            step_threads = (args.threads or [None]) if backend == "numpy" else [None]
-            for t in step_threads:
-                name = f"scratchvae-{backend}" + (f"-t{t}" if len(step_threads) > 1 else "")
-                w = Worker(name, _scratch_worker, (backend, *timing, t), unset, blas_thread_env(args.blas_threads))
-                workers[w.name] = w
-                infos[w.name] = w.call("info")
-                infos[w.name]["impl"] = name
+            engines = list(dict.fromkeys(e if e != "auto" else ("cpu" if backend == "numpy" else "reference")
+                                         for e in args.engines if backend == "numpy" or e != "cpu"))  # fmt: skip
+            for engine in engines:
+                step_threads = (args.threads or [None]) if engine == "cpu" else [None]
+                for t in step_threads:
+                    name = (f"scratchvae-{backend}" + (f"-{engine}" if len(engines) > 1 else "")
+                            + (f"-t{t}" if len(step_threads) > 1 else ""))  # fmt: skip
+                    w = Worker(name, _scratch_worker, (backend, *timing, t, engine), unset,
+                               blas_thread_env(args.blas_threads))  # fmt: skip
+                    workers[w.name] = w
+                    infos[w.name] = w.call("info")
+                    infos[w.name]["impl"] = name
         first = infos[next(iter(infos))]
         flops = step_flops_per_example(first["layers"])
         assert flops == EXPECTED_FLOPS_PER_EXAMPLE, f"counted {flops} FLOPs per example, expected 3.28e6"
@@ -613,7 +639,7 @@ def main(argv=None):
 
 def _peer(impl):
     """The PyTorch implementation on the same device as ``impl``."""
-    return "torch-cuda" if impl.endswith("cupy") or impl == "torch-cuda" else "torch-cpu"
+    return "torch-cuda" if impl.startswith("scratchvae-cupy") or impl == "torch-cuda" else "torch-cpu"
 
 
 def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n_steps, threads):

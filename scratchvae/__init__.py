@@ -10,17 +10,22 @@ requirement is NumPy.
 >>> x = np.random.default_rng(0).random((128, 784), dtype=np.float32)
 >>> out = model.loss_and_grad(x)   # negative ELBO per example; gradients in model.grads
 >>> opt.step()
+
+The same step, faster on the CPU (kept buffers, fused in-place passes, threads):
+
+>>> with sv.make_engine("cpu", model, opt) as engine:
+...     out = engine.step(x)
 """
 
 from .backend import BackendError, get_array_module, get_xp, to_device, to_numpy
 from .data import DataError, load_mnist
+from .engines import make_engine
 from .evaluate import iwae_bound
 from .exact import LinearGaussianVAE
 from .gradcheck import GradcheckResult, gradcheck, gradcheck_model
 from .model import VAE, Autoencoder, Loss
 from .objectives import iwae_loss_and_grad
 from .optim import SGD, Adam
-from .parallel import ParallelStep
 
 __version__ = "0.1.0"
 
@@ -35,7 +40,7 @@ __all__ = [
     "DataError",
     "Adam",
     "SGD",
-    "ParallelStep",
+    "make_engine",
     "gradcheck",
     "gradcheck_model",
     "GradcheckResult",

@@ -20,12 +20,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._files import atomic_write
+from .files import atomic_write
 from .backend import BackendError, to_device, to_numpy
 
 FORMAT = "scratchvae-checkpoint"
-VERSION = 2  # 2: Adam's state is stored as moment sums (opt_m_sum, opt_v_sum); 1: as moments (opt_m, opt_v)
-READABLE_VERSIONS = (1, 2)
+# 3: Adam's moments m, v as opt_m, opt_v, and the training configuration's latent_dim;
+# 2: Adam's moments without their (1 - beta) factors, as opt_m_sum, opt_v_sum; 1: as in 3, with "latent"
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class CheckpointError(ValueError):
@@ -118,6 +120,22 @@ def load_checkpoint(path) -> Checkpoint:
     if params.ndim != 1 or params.dtype.kind != "f":
         raise CheckpointError(f"checkpoint {path} has malformed parameters ({params.dtype}, shape {params.shape})")
     return Checkpoint(params, data, meta)
+
+
+def optimizer_state(ckpt: Checkpoint, optimizer) -> dict:
+    r"""The optimiser's arrays a checkpoint holds (``opt_<name>``), by the names ``optimizer.load_state_dict`` takes.
+
+    Checkpoints of format version 2 hold Adam's moments without their
+    :math:`(1-\beta)` factors (``opt_m_sum``, ``opt_v_sum``); they are
+    multiplied back, so a run resumed from one continues the run that wrote
+    it up to rounding, not bit for bit. The step count ``t`` is in the
+    metadata, not here.
+    """
+    state = {name[4:]: a for name, a in ckpt.arrays.items() if name.startswith("opt_")}
+    for sum_name, name, beta in (("m_sum", "m", "beta1"), ("v_sum", "v", "beta2")):
+        if sum_name in state and hasattr(optimizer, beta):
+            state[name] = state.pop(sum_name) * (1.0 - getattr(optimizer, beta))
+    return state
 
 
 def build_model(config: dict, backend=None):

@@ -1,7 +1,9 @@
 """Command line: ``scratchvae train | evaluate | sample`` (also ``python -m scratchvae``).
 
 Errors in the input (flags, data files, checkpoints) print one line,
-``scratchvae: error: ...``, and exit with status 2; no traceback.
+``scratchvae: error: ...``, and exit with status 2; no traceback. Long work
+(an epoch, an importance-weighted evaluation) shows a progress line on
+stderr when it is a terminal (:class:`Progress`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -68,6 +71,7 @@ def layer_sizes(text):
 def build_parser() -> argparse.ArgumentParser:
     from .backend import BACKENDS
     from .data import BINARIZE
+    from .engines import ENGINES
     from .layers import ACTIVATIONS
     from .model import LIKELIHOODS
     from .optim import OPTIMIZERS
@@ -98,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adam (bias-corrected) or sgd (momentum 0.9) (default adam)")  # fmt: skip
     t.add_argument("--hidden", type=layer_sizes, default=(400,),
                    help="hidden layer widths of the encoder, mirrored in the decoder, e.g. 400 or 200,200 (default 400)")  # fmt: skip
-    t.add_argument("--latent", type=positive_int, default=20, help="latent dimension J (default 20; 2 adds manifold.png and latent.png)")
+    t.add_argument("--latent", type=positive_int, default=20, dest="latent_dim",
+                   help="latent dimension J (default 20; 2 adds manifold.png and latent.png)")  # fmt: skip
     t.add_argument("--activation", choices=[a for a in ACTIVATIONS if a != "identity"], default="relu",
                    help="hidden activation (default relu)")  # fmt: skip
     t.add_argument("--init", choices=["fan_in_uniform", "he", "glorot"], default="fan_in_uniform",
@@ -132,10 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its checkpoint (give the same flags as the first run); "
                         "on the CPU the result is bitwise identical to an uninterrupted run (it keeps the "
                         "checkpoint's --threads unless given another)")  # fmt: skip
+    t.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="how a training step runs: reference is the textbook code (loss_and_grad, then the "
+                        "optimiser's step), cpu the same arithmetic in kept buffers and in place, split over "
+                        "threads (numpy only); auto is cpu on numpy, reference on cupy. Engines differ by "
+                        "rounding only (default auto)")  # fmt: skip
     t.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads of each training step: the batch is split over them by rows, and BLAS "
-                        "runs on one thread in each (default: one per CPU, at most 8, where numpy's BLAS thread count can "
-                        "be set, else 1; the GPU uses 1). --resume keeps the count of the checkpoint. Another "
+                   help="threads of each training step of the cpu engine: the batch is split over them by rows, "
+                        "and BLAS runs on one thread in each (default: one per CPU, at most 8, where numpy's BLAS "
+                        "thread count can be set, else 1). --resume keeps the count of the checkpoint. Another "
                         "count changes results by rounding only")  # fmt: skip
     t.add_argument("--train-size", type=positive_int, default=None, help="use only the first N training images")
     t.add_argument("--test-size", type=positive_int, default=None, help="use only the first N test images")
@@ -167,8 +177,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress_flag(value):
-    return {"auto": None, "on": True, "off": False}[value]
+# ------------------------------------------------------------------ progress display
+
+
+class Progress:
+    """A progress line on stderr: tqdm when installed, else a plain updating line.
+
+    ``update(done, loss=None)`` after each piece of work (``done`` out of
+    ``total``), ``close()`` at the end (the line is cleared).
+    """
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc = total, desc
+        self._bar, self._last, self._t0 = None, 0.0, time.perf_counter()
+        try:
+            from tqdm import tqdm  # optional
+
+            self._bar = tqdm(total=total, desc=desc, unit="ex", leave=False, file=sys.stderr)
+        except ImportError:
+            pass
+
+    def update(self, done: int, loss: float | None = None) -> None:
+        if self._bar is not None:
+            self._bar.n = done
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.2f}", refresh=False)
+            self._bar.refresh()
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.25 and done < self.total:
+            return
+        self._last = now
+        frac = done / max(self.total, 1)
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        rate = done / max(now - self._t0, 1e-9)
+        tail = f" loss {loss:8.2f}" if loss is not None else ""
+        sys.stderr.write(f"\r{self.desc} [{bar}] {100 * frac:5.1f}%{tail} {rate:8.0f} ex/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            sys.stderr.write("\r" + " " * 90 + "\r")
+            sys.stderr.flush()
+
+
+def progress_factory(flag):
+    """``Progress`` for ``--progress on``, or ``auto`` when stderr is a terminal; ``None`` (no display) otherwise."""
+    show = sys.stderr.isatty() if flag == "auto" else flag == "on"
+    return Progress if show else None
 
 
 # ------------------------------------------------------------------ commands
@@ -179,15 +237,14 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(
         data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        optimizer=args.optimizer, hidden=tuple(args.hidden), latent=args.latent, activation=args.activation,
+        optimizer=args.optimizer, hidden=tuple(args.hidden), latent_dim=args.latent_dim, activation=args.activation,
         init=args.init,
         likelihood=args.likelihood, binarize=args.binarize, objective=args.objective, k=args.k, beta=args.beta,
         kl_warmup=args.kl_warmup, backend=args.backend, dtype=args.dtype,
         seed=args.seed, out=args.out, resume=args.resume, train_size=args.train_size,
-        test_size=args.test_size, checkpoint_every=args.checkpoint_every, progress=_progress_flag(args.progress),
-        threads=args.threads,
+        test_size=args.test_size, checkpoint_every=args.checkpoint_every, engine=args.engine, threads=args.threads,
     )  # fmt: skip
-    history = train(cfg)
+    history = train(cfg, progress=progress_factory(args.progress))
     out = Path(cfg.out)
     pics = [p.name for p in sorted(out.glob("*.png"))]
     last = history[-1] if history else None
@@ -206,11 +263,9 @@ def _load(path, backend):
 
 
 def cmd_evaluate(args) -> int:
-    import time
-
     from . import data as D
     from .checkpoint import CheckpointError
-    from .train import Progress, evaluate_elbo, evaluate_nll
+    from .evaluate import evaluate_elbo, evaluate_nll
 
     ckpt, model = _load(args.checkpoint, args.backend)
     train_cfg = ckpt.meta.get("train", {})
@@ -231,13 +286,14 @@ def cmd_evaluate(args) -> int:
         test_x = D.static_binarize(test_x)
     t0 = time.perf_counter()
     elbo = evaluate_elbo(model, test_x, binarize, args.seed)
-    show = _progress_flag(args.progress)
-    bar = Progress(len(test_x), f"IWAE K={args.iwae_k}", sys.stderr.isatty() if show is None else show)
+    make_bar = progress_factory(args.progress)
+    bar = make_bar(len(test_x), f"IWAE K={args.iwae_k}") if make_bar else None
     try:
         nll, se = evaluate_nll(model, test_x, binarize, args.seed, k=args.iwae_k, batch_size=args.batch_size,
-                               progress=lambda done, total: bar.update(done))  # fmt: skip
+                               progress=(lambda done, total: bar.update(done)) if bar else None)  # fmt: skip
     finally:
-        bar.close()
+        if bar:
+            bar.close()
     result = {
         "checkpoint": str(args.checkpoint), "n_test": len(test_x), "binarize": binarize,
         "test_loss": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"],
@@ -254,7 +310,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_sample(args) -> int:
     from . import images
-    from .backend import STREAM_SAMPLE, Generator
+    from .rng import STREAM_SAMPLE, Generator
 
     _, model = _load(args.checkpoint, args.backend)
     x = model.sample(args.n, rng=Generator(args.seed, model.xp, stream=STREAM_SAMPLE))

@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, to_device
 
 __all__ = [
     "DataError",
@@ -54,15 +54,14 @@ __all__ = [
     "MNIST",
     "BINARIZE",
     "parse_idx",
-    "format_idx",
     "read_idx",
-    "write_idx",
     "default_cache_dir",
     "find_mnist",
     "download_mnist",
     "load_mnist",
     "static_binarize",
     "to_float_batch",
+    "float_batches",
 ]
 
 
@@ -150,35 +149,6 @@ def parse_idx(data, name: str = "IDX data") -> np.ndarray:
     return arr
 
 
-def _idx_code(dtype: np.dtype) -> int:
-    for code, big in IDX_DTYPES.items():
-        if dtype in (big, big.newbyteorder("=")):
-            return code
-    names = ", ".join(dt.newbyteorder("=").name for dt in IDX_DTYPES.values())
-    raise ValueError(f"IDX cannot store dtype {dtype}; use one of {names}")
-
-
-def format_idx(array) -> bytes:
-    """Encode an array as the bytes of an IDX file (the inverse of :func:`parse_idx`).
-
-    Parameters
-    ----------
-    array : array_like, any shape with at most 255 dimensions, each below 2**32
-        Of dtype uint8, int8, int16, int32, float32 or float64.
-
-    Raises
-    ------
-    ValueError
-        For any other dtype, or a shape IDX cannot describe.
-    """
-    arr = np.asarray(array)
-    code = _idx_code(arr.dtype)
-    if arr.ndim > 255 or any(d >= 1 << 32 for d in arr.shape):
-        raise ValueError(f"IDX cannot describe shape {arr.shape} (at most 255 dimensions, each below 2**32)")
-    header = bytes([0, 0, code, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-    return header + np.ascontiguousarray(arr, dtype=IDX_DTYPES[code]).tobytes()
-
-
 def _read_bytes(path) -> bytes:
     """The contents of a file, gunzipped when it starts with the gzip magic bytes."""
     path = Path(path)
@@ -211,22 +181,6 @@ def read_idx(path) -> np.ndarray:
         :func:`parse_idx` error; the message names the file.
     """
     return parse_idx(_read_bytes(path), name=str(path))
-
-
-def write_idx(path, array, compress: bool | None = None) -> Path:
-    """Write an array as an IDX file, gzip-compressed when ``compress`` (default: ``path`` ends in ``.gz``).
-
-    The gzip header carries no timestamp, so equal arrays give equal files.
-    Returns the path. Raises ``ValueError`` as :func:`format_idx`.
-    """
-    path = Path(path)
-    data = format_idx(array)
-    if compress is None:
-        compress = path.name.endswith(".gz")
-    if compress:
-        data = gzip.compress(data, mtime=0)
-    path.write_bytes(data)
-    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -563,7 +517,7 @@ def to_float_batch(images_u8, binarize: str, rng=None, dtype=np.float32, out=Non
     images_u8 : uint8 array ``(batch, 784)`` (any shape works)
         NumPy, or CuPy together with a CuPy generator.
     binarize : {"none", "dynamic", "static"}
-    rng : scratchvae.backend.Generator
+    rng : scratchvae.rng.Generator
         Source of :math:`v` (``rng.uniform(shape, dtype)``); needed for ``dynamic`` only.
     dtype : float dtype
     out : float array ``images_u8.shape`` of ``dtype``, optional
@@ -603,3 +557,13 @@ def to_float_batch(images_u8, binarize: str, rng=None, dtype=np.float32, out=Non
     if binarize == "dynamic":
         xp.less(rng.uniform(out.shape, dtype), out, out=out)  # P(1) = u/255
     return out
+
+
+def float_batches(images_u8, binarize: str, rng, batch_size: int, dtype, xp):
+    """Float batches of ``images_u8`` in order, ``batch_size`` rows each (the last may be short), on ``xp``'s device.
+
+    Each is :func:`to_float_batch` of the next rows, then copied to the
+    device; ``rng`` draws the dynamic binarization.
+    """
+    for start in range(0, len(images_u8), batch_size):
+        yield to_device(to_float_batch(images_u8[start : start + batch_size], binarize, rng, dtype=dtype), xp)

@@ -1,4 +1,4 @@
-r"""Importance-weighted estimate of the log-likelihood :math:`\log p(x)` (the number papers report).
+r"""Evaluating a trained VAE: the test ELBO, and the importance-weighted estimate of :math:`\log p(x)`.
 
 With :math:`K` samples :math:`z_k \sim q(z|x)`,
 
@@ -7,33 +7,28 @@ With :math:`K` samples :math:`z_k \sim q(z|x)`,
     \qquad w_k = \frac{p(x|z_k)\,p(z_k)}{q(z_k|x)}
 
 (Burda, Grosse & Salakhutdinov, 2015). :math:`\mathcal L_1` is the ELBO,
-:math:`\mathcal L_K` rises with :math:`K` and tends to :math:`\log p(x)`. The sum
-is formed in log space, a chunk of samples at a time, with a running
-log-sum-exp, so :math:`K = 5000` fits in memory and never overflows.
+:math:`\mathcal L_K` rises with :math:`K` and tends to :math:`\log p(x)`: the
+number papers report, as a negative log-likelihood in nats. The sum is formed
+in log space, a chunk of samples at a time, with a running log-sum-exp, so
+:math:`K = 5000` fits in memory and never overflows.
+
+:func:`evaluate_elbo` and :func:`evaluate_nll` run these over a whole set of
+``uint8`` images, a batch at a time, with noise and binarization drawn from
+generator streams of their own, so that the same model gives the same numbers
+whenever it is evaluated.
 """
 
 from __future__ import annotations
 
 import math
-import operator
+
+import numpy as np
 
 from . import losses as L
-
-
-def check_positive_int(value, name: str) -> int:
-    """``value`` as an int, checked to be a positive integer (``2.5``, ``True``, ``0`` are refused)."""
-    try:
-        out = operator.index(value)
-    except TypeError:
-        out = 0
-    if isinstance(value, bool) or out < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return out
-
-
-def check_k(k) -> int:
-    """The number of importance samples ``k``, checked by :func:`check_positive_int`."""
-    return check_positive_int(k, "k")
+from .backend import to_numpy
+from .data import float_batches
+from .rng import STREAM_EVAL_DATA, STREAM_EVAL_ELBO, STREAM_EVAL_IWAE, Generator
+from .validate import check_k, check_positive_int
 
 
 def log_weights(model, x, eps):
@@ -41,9 +36,8 @@ def log_weights(model, x, eps):
 
     Parameters
     ----------
-    model : VAE-like
-        Needs ``_encode(x) -> (mu, log_var)`` and ``log_px_given_z(z, x)``.
-    x : array ``(batch, D)`` on the model's device and in its dtype
+    model : VAE
+    x : array ``(batch, D)``
     eps : array ``(k, batch, J)``
         Standard normal noise; :math:`z_k = \mu + \sigma\epsilon_k`.
 
@@ -51,7 +45,7 @@ def log_weights(model, x, eps):
     -------
     array ``(k, batch)``
     """
-    mu, log_var = model._encode(x)
+    mu, log_var = model.encode(x)
     z, _ = L.reparameterize(mu, log_var, eps)
     log_q = L.log_q_reparameterized(log_var, eps)
     return model.log_px_given_z(z, x) + L.log_standard_normal(z) - log_q
@@ -62,21 +56,26 @@ def iwae_bound(model, x, k=5000, *, rng=None, max_elements=1 << 23):
 
     Parameters
     ----------
-    model : VAE-like
+    model : VAE
     x : array ``(batch, D)``, float, checked like :meth:`VAE.loss_and_grad`
     k : int
         Number of importance samples :math:`K \ge 1`.
-    rng : scratchvae.backend.Generator, optional
+    rng : scratchvae.rng.Generator, optional
         Source of the noise (the model's own generator by default).
     max_elements : int
-        Bound on the decoder outputs held at once (``chunk * batch * D``).
+        Bound on the elements of the largest array a chunk of samples makes,
+        ``chunk * batch * width`` with ``width`` the widest layer of the
+        decoder (its input, hidden or output size). With
+        ``batch * width > max_elements`` a chunk is one sample, which is
+        more than ``max_elements``.
     """
     k = check_k(k)
-    x = model.check_input(x, bounded=getattr(model, "likelihood", None) == "bernoulli")
+    max_elements = check_positive_int(max_elements, "max_elements")
+    x = model.check_input(x)
     xp = model.xp
     rng = model.rng if rng is None else rng
-    B, J, D = x.shape[0], model.latent_dim, model.input_dim
-    chunk = max(1, min(k, max_elements // max(1, B * D)))
+    B, J = x.shape[0], model.latent_dim
+    chunk = max(1, min(k, max_elements // (B * max(model.decoder.sizes))))
     acc = xp.full((B,), -xp.inf, dtype="float64")  # running log sum_k w_k
     for start in range(0, k, chunk):
         n = min(chunk, k - start)
@@ -85,3 +84,52 @@ def iwae_bound(model, x, k=5000, *, rng=None, max_elements=1 << 23):
         lse = top + xp.log(xp.exp(lw - top).sum(axis=0))
         acc = xp.logaddexp(acc, lse)
     return acc - math.log(k)
+
+
+def evaluate_elbo(model, images_u8, binarize, seed, batch_size=1000):
+    """Per-example means of the negative ELBO and its parts over a data set (one noise sample each).
+
+    Parameters
+    ----------
+    model : VAE
+    images_u8 : uint8 array ``(N, input_dim)``
+        Converted to floats a batch at a time (:func:`scratchvae.data.to_float_batch`).
+    binarize : {"none", "dynamic", "static"}
+    seed : int
+        Seeds the dynamic binarization and the noise, from two streams of
+        their own, so the number is the same whenever it is computed and
+        every evaluation binarizes the same way.
+
+    Returns
+    -------
+    dict
+        ``{"loss", "recon", "kl"}`` in nats per example (``loss = recon + kl``).
+    """
+    rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
+    rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_ELBO)
+    n, loss_sum, recon_sum, kl_sum = 0, 0.0, 0.0, 0.0
+    for xb in float_batches(images_u8, binarize, rng_data, batch_size, model.dtype, model.xp):
+        recon, kl = model.loss_parts(xb, rng_eps.normal((xb.shape[0], model.latent_dim), model.dtype))
+        b, r, k = xb.shape[0], float(recon.mean()), float(kl.mean())
+        n, loss_sum, recon_sum, kl_sum = n + b, loss_sum + b * (r + k), recon_sum + b * r, kl_sum + b * k
+    return {"loss": loss_sum / n, "recon": recon_sum / n, "kl": kl_sum / n}
+
+
+def evaluate_nll(model, images_u8, binarize, seed, k=5000, batch_size=100, progress=None):
+    r"""Test negative log-likelihood in nats, :math:`-\frac1N\sum_n \mathcal L_K(x_n)` (the IWAE bound).
+
+    ``progress(done, total)`` is called after each batch when given. The
+    binarization and noise come from streams of their own (see
+    :func:`evaluate_elbo`). Returns ``(mean, standard_error)`` over the
+    examples.
+    """
+    rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
+    rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_IWAE)
+    values = []
+    n = len(images_u8)
+    for i, xb in enumerate(float_batches(images_u8, binarize, rng_data, batch_size, model.dtype, model.xp)):
+        values.append(to_numpy(iwae_bound(model, xb, k, rng=rng_eps)))
+        if progress:
+            progress(min((i + 1) * batch_size, n), n)
+    v = -np.concatenate(values)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")

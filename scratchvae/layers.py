@@ -1,15 +1,15 @@
-"""Dense layers and activations, each with its forward and, right under it, its backward.
+r"""Dense layers and activations, each with its forward and, right under it, its backward.
 
 Conventions (used everywhere in scratchvae):
 
 * arrays are row-major batches: ``x`` has shape ``(batch, n_in)``;
-* ``forward`` caches exactly what ``backward`` needs and nothing else;
-* ``backward(d_y)`` takes the gradient of the scalar loss with respect to the
-  layer's output and returns the gradient with respect to its input; a layer
-  with parameters *accumulates* (``+=``) their gradients into its ``d_W`` and
-  ``d_b`` views of the model's flat gradient buffer. (The models' training
-  step, which uses each layer once, asks it to overwrite them instead, which
-  spares zeroing the buffer; see :meth:`MLP.backward`.)
+* ``forward(x)`` caches exactly what ``backward`` needs and nothing else;
+* ``backward(d_y)`` takes :math:`\partial L/\partial y`, the gradient of the
+  scalar loss with respect to the layer's output, and returns
+  :math:`\partial L/\partial x`; a layer with parameters *adds* (``+=``) their
+  gradients to its ``d_W`` and ``d_b``, so a model zeroes its gradients
+  before a backward pass (:meth:`VAE.loss_and_grad
+  <scratchvae.model.VAE.loss_and_grad>` does).
 
 Parameters live in one contiguous flat buffer per model (see :func:`bind_flat`):
 each layer's ``W`` and ``b`` are views into it, and ``d_W``/``d_b`` views into the
@@ -20,8 +20,6 @@ checkpoint saves one array, and a whole-model gradient check perturbs one array.
 from __future__ import annotations
 
 import math
-
-import numpy as np
 
 from .backend import get_array_module
 
@@ -44,19 +42,11 @@ def softplus(x):
 
     .. math:: \operatorname{softplus}(x) = \log(1 + e^{x}) = \max(x, 0) + \log(1 + e^{-|x|})
 
-    The right-hand form never exponentiates a positive number; it is the same
-    value as ``logaddexp(0, x)`` and several times faster in float32.
+    The right-hand form never exponentiates a positive number, so it is
+    finite for every finite ``x``.
     """
     xp = get_array_module(x)
-    x = xp.asarray(x)
-    if x.ndim == 0 or x.dtype.kind != "f":  # scalars and integers: the plain form
-        return xp.logaddexp(0.0, x)
-    y = xp.abs(x)
-    xp.negative(y, out=y)
-    xp.exp(y, out=y)  # e^{-|x|} in (0, 1]
-    xp.log1p(y, out=y)
-    y += xp.maximum(x, 0)
-    return y
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 # --------------------------------------------------------------------------------------
@@ -65,20 +55,14 @@ def softplus(x):
 
 
 class Activation:
-    """Base class of elementwise activations; ``x`` and ``y`` have any shape.
-
-    ``forward(x, inplace=True)`` may overwrite ``x`` with ``y`` and
-    ``backward(d_y, inplace=True)`` may overwrite ``d_y`` with ``d_x``; the
-    training step uses this on its own work buffers to avoid allocating
-    new arrays every step. The default leaves the arguments untouched.
-    """
+    """Base class of elementwise activations; ``x`` and ``y`` have any shape (the same one)."""
 
     name = "activation"
 
-    def forward(self, x, inplace=False):
+    def forward(self, x):
         raise NotImplementedError
 
-    def backward(self, d_y, inplace=False):
+    def backward(self, d_y):
         raise NotImplementedError
 
     def __repr__(self):
@@ -90,10 +74,10 @@ class Identity(Activation):
 
     name = "identity"
 
-    def forward(self, x, inplace=False):
+    def forward(self, x):
         return x
 
-    def backward(self, d_y, inplace=False):
+    def backward(self, d_y):
         return d_y
 
 
@@ -104,26 +88,18 @@ class ReLU(Activation):
         y = \max(x, 0), \qquad
         \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y}\,[y > 0]
 
-    (the subgradient at 0 is taken as 0). Caches ``y``; in place, also keeps
-    the mask :math:`[y > 0]` in a buffer of its own across calls.
+    (the subgradient at 0 is taken as 0). Caches ``y``.
     """
 
     name = "relu"
 
-    def forward(self, x, inplace=False):
+    def forward(self, x):
         xp = get_array_module(x)
-        self.y = xp.maximum(x, 0, out=x if inplace else None)
+        self.y = xp.maximum(x, 0)
         return self.y
 
-    def backward(self, d_y, inplace=False):
-        xp = get_array_module(d_y)
-        if not inplace:
-            return xp.multiply(d_y, self.y > 0)
-        mask = getattr(self, "_mask", None)
-        if mask is None or mask.shape != d_y.shape or mask.dtype != d_y.dtype or get_array_module(mask) is not xp:
-            mask = self._mask = xp.empty_like(d_y)
-        xp.greater(self.y, 0, out=mask)  # 1.0 where y > 0, else 0.0
-        return xp.multiply(d_y, mask, out=d_y)
+    def backward(self, d_y):
+        return d_y * (self.y > 0)
 
 
 class Tanh(Activation):
@@ -137,14 +113,13 @@ class Tanh(Activation):
 
     name = "tanh"
 
-    def forward(self, x, inplace=False):
+    def forward(self, x):
         xp = get_array_module(x)
-        self.y = xp.tanh(x, out=x if inplace else None)
+        self.y = xp.tanh(x)
         return self.y
 
-    def backward(self, d_y, inplace=False):
-        xp = get_array_module(d_y)
-        return xp.multiply(d_y, 1.0 - self.y * self.y, out=d_y if inplace else None)
+    def backward(self, d_y):
+        return d_y * (1.0 - self.y * self.y)
 
 
 class Sigmoid(Activation):
@@ -158,13 +133,12 @@ class Sigmoid(Activation):
 
     name = "sigmoid"
 
-    def forward(self, x, inplace=False):
+    def forward(self, x):
         self.y = sigmoid(x)
         return self.y
 
-    def backward(self, d_y, inplace=False):
-        xp = get_array_module(d_y)
-        return xp.multiply(d_y, self.y * (1.0 - self.y), out=d_y if inplace else None)
+    def backward(self, d_y):
+        return d_y * self.y * (1.0 - self.y)
 
 
 class Softplus(Activation):
@@ -178,13 +152,12 @@ class Softplus(Activation):
 
     name = "softplus"
 
-    def forward(self, x, inplace=False):
+    def forward(self, x):
         self.x = x
         return softplus(x)
 
-    def backward(self, d_y, inplace=False):
-        xp = get_array_module(d_y)
-        return xp.multiply(d_y, sigmoid(self.x), out=d_y if inplace else None)
+    def backward(self, d_y):
+        return d_y * sigmoid(self.x)
 
 
 ACTIVATIONS = {cls.name: cls for cls in (Identity, ReLU, Tanh, Sigmoid, Softplus)}
@@ -195,9 +168,7 @@ def make_activation(name: str) -> Activation:
     try:
         return ACTIVATIONS[name]()
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -240,13 +211,15 @@ class Dense:
         self.n_in, self.n_out, self.init = int(n_in), int(n_out), init
         self.size = self.n_in * self.n_out + self.n_out
 
+    def split(self, flat):
+        """``(W, b)``-shaped views ``(n_in, n_out)`` and ``(n_out,)`` of a 1-D array ``size`` long."""
+        k = self.n_in * self.n_out
+        return flat[:k].reshape(self.n_in, self.n_out), flat[k:]
+
     def bind(self, params, grads) -> None:
         """Make ``W, b`` views of ``params`` and ``d_W, d_b`` views of ``grads`` (both 1-D, ``size`` long)."""
-        k = self.n_in * self.n_out
-        self.W = params[:k].reshape(self.n_in, self.n_out)
-        self.b = params[k:]
-        self.d_W = grads[:k].reshape(self.n_in, self.n_out)
-        self.d_b = grads[k:]
+        self.W, self.b = self.split(params)
+        self.d_W, self.d_b = self.split(grads)
 
     def initialize(self, rng) -> None:
         """Draw ``W`` (and ``b``) in place from the layer's init scheme."""
@@ -263,31 +236,16 @@ class Dense:
             self.W[...] = (2.0 * rng.uniform(self.W.shape, dtype) - 1.0) * a
             self.b[...] = (2.0 * rng.uniform(self.b.shape, dtype) - 1.0) * a
 
-    def forward(self, x, out=None):
-        """``y = x W + b``; ``out`` is an optional ``(batch, n_out)`` buffer to write ``y`` into."""
-        xp = get_array_module(x)
+    def forward(self, x):
+        """``y = x W + b``, ``(batch, n_out)``."""
         self.x = x
-        y = xp.matmul(x, self.W, out=out)
-        y += self.b
-        return y
+        return x @ self.W + self.b
 
-    def backward(self, d_y, need_input_grad: bool = True, accumulate: bool = True, out=None):
-        """Add ``x^T d_y`` to ``d_W`` and ``sum(d_y)`` to ``d_b``; return ``d_x = d_y W^T``.
-
-        ``accumulate=False`` overwrites ``d_W, d_b`` instead of adding to them
-        (for a step that uses each layer once and so need not zero the
-        gradients first). ``need_input_grad=False`` skips ``d_x`` (returns
-        ``None``): the first layer's input is data. ``out`` is an optional
-        ``(batch, n_in)`` buffer for ``d_x``.
-        """
-        xp = get_array_module(d_y)
-        if accumulate:
-            self.d_W += self.x.T @ d_y
-            self.d_b += d_y.sum(axis=0)
-        else:
-            xp.matmul(self.x.T, d_y, out=self.d_W)
-            d_y.sum(axis=0, out=self.d_b)
-        return xp.matmul(d_y, self.W.T, out=out) if need_input_grad else None
+    def backward(self, d_y):
+        """Add ``x^T d_y`` to ``d_W`` and ``sum(d_y)`` to ``d_b``; return ``d_x = d_y W^T``, ``(batch, n_in)``."""
+        self.d_W += self.x.T @ d_y
+        self.d_b += d_y.sum(axis=0)
+        return d_y @ self.W.T
 
     def __repr__(self):
         return f"Dense({self.n_in}, {self.n_out}, init={self.init!r})"
@@ -331,111 +289,45 @@ class MLP:
             if not last:
                 self.layers.append(make_activation(activation))
 
-    def clone(self):
-        """A new stack of the same shape, activation and init, with no parameters bound yet."""
-        return MLP(self.sizes, self.activation, self.init)
-
     @property
     def dense(self):
         """The dense layers, in order."""
         return [layer for layer in self.layers if isinstance(layer, Dense)]
 
-    def forward(self, x, work=None):
-        """Forward through the stack.
-
-        With a :class:`Workspace` ``work``, each layer writes into a buffer
-        kept from the previous call of the same shape, and activations work
-        in place (what the training step does); without it every array is new.
-        """
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, Dense):
-                out = None if work is None else work.get((id(self), "y", i), (x.shape[0], layer.n_out), x.dtype)
-                x = layer.forward(x, out=out)
-            else:
-                x = layer.forward(x, inplace=work is not None)
+    def forward(self, x):
+        """``y`` from ``x`` through every layer in order."""
+        for layer in self.layers:
+            x = layer.forward(x)
         return x
 
-    def backward(self, d_y, need_input_grad: bool = True, work=None):
-        """Backward through the stack in reverse order; see :meth:`Dense.backward`.
-
-        With a :class:`Workspace`, parameter gradients are overwritten (each
-        layer is used once per step) and ``d_x`` buffers are reused; without
-        it, parameter gradients are accumulated.
-        """
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            if isinstance(layer, Dense):
-                need = need_input_grad or i > 0
-                out = None
-                if work is not None and need:
-                    order = input_grad_order(work.xp, d_y.shape[0], layer)
-                    out = work.get((id(self), "d_x", i), (d_y.shape[0], layer.n_in), d_y.dtype, order)
-                d_y = layer.backward(d_y, need_input_grad=need, accumulate=work is None, out=out)
-            else:
-                d_y = layer.backward(d_y, inplace=work is not None)
+    def backward(self, d_y):
+        """``d_x`` from ``d_y`` through every layer in reverse order; adds to every ``d_W``, ``d_b``."""
+        for layer in reversed(self.layers):
+            d_y = layer.backward(d_y)
         return d_y
 
 
-class Workspace:
-    """Work buffers kept across training steps, one per key, reallocated when the shape changes.
-
-    A training step allocates the same arrays every time; keeping them
-    avoids the allocator (and, for large arrays, fresh pages from the
-    operating system) on every step. Arrays handed out by a workspace are
-    overwritten by the next step: only code that finishes with them within
-    one step should use it.
-    """
-
-    def __init__(self, xp):
-        self.xp = xp
-        self._buffers = {}
-
-    def get(self, key, shape, dtype, order="C"):
-        """The buffer kept under ``key``: an uninitialised array of ``shape`` and ``dtype``, in memory ``order`` ("C" or "F")."""
-        a = self._buffers.get(key)
-        if a is None or a.shape != tuple(shape) or a.dtype != dtype or not a.flags[f"{order}_CONTIGUOUS"]:
-            a = self._buffers[key] = self.xp.empty(shape, dtype=dtype, order=order)
-        return a
-
-
-def input_grad_order(xp, rows, layer):
-    r"""Memory order of the buffer :meth:`Dense.backward` writes :math:`d_x = d_y W^\top` into during a training step.
-
-    ``"F"`` (column-major: the product is then computed as
-    :math:`(W d_y^\top)^\top`) for a layer with at least four times as many
-    inputs and outputs as rows on the CPU, where OpenBLAS computes it faster
-    that way: for the 400x784 decoder layer and 64 rows 0.43 ms against
-    0.53 ms, and the activation gradient and weight gradient after it
-    still gain overall (``benchmarks/NOTES.md``, item 10). ``"C"`` otherwise:
-    with more rows, that activation gradient mixes the two orders and costs
-    more than the product saves. The numbers differ only by rounding.
-    """
-    if xp is np and layer.n_in >= 4 * rows and layer.n_out >= 4 * rows:
-        return "F"
-    return "C"
-
-
-def bind_flat(dense_layers, xp, dtype, params=None):
+def bind_flat(dense_layers, xp, dtype):
     """Allocate one flat parameter buffer and one flat gradient buffer for ``dense_layers``.
 
     Each layer's ``W, b`` (and ``d_W, d_b``) become views into consecutive
-    slices, in the order given. With ``params`` (a 1-D array of the right
-    length) the layers share that parameter buffer instead of a new one
-    (replicas of a model for a step split over threads); the gradient
-    buffer is always new.
+    slices, in the order given.
 
     Returns
     -------
-    params, grads : 1-D arrays of length ``sum(layer.size)``
+    params, grads : 1-D arrays of length ``sum(layer.size)``, zero
     """
     n = sum(layer.size for layer in dense_layers)
-    if params is None:
-        params = xp.zeros(n, dtype=dtype)
-    elif params.shape != (n,) or params.dtype != dtype:
-        raise ValueError(f"params must be a 1-D {dtype} array of length {n}, got {params.dtype} {params.shape}")
-    grads = xp.zeros(n, dtype=dtype)
-    offset = 0
-    for layer in dense_layers:
-        layer.bind(params[offset : offset + layer.size], grads[offset : offset + layer.size])
-        offset += layer.size
+    params, grads = xp.zeros(n, dtype=dtype), xp.zeros(n, dtype=dtype)
+    for layer, p, g in zip(dense_layers, split_flat(dense_layers, params), split_flat(dense_layers, grads)):
+        layer.bind(p, g)
     return params, grads
+
+
+def split_flat(dense_layers, flat):
+    """The consecutive slices of the 1-D array ``flat`` that belong to each of ``dense_layers``, in order."""
+    out, offset = [], 0
+    for layer in dense_layers:
+        out.append(flat[offset : offset + layer.size])
+        offset += layer.size
+    return out

@@ -2,10 +2,11 @@ r"""Log-likelihoods, the analytic KL, the reparameterization trick, entropy.
 
 Every function here works on batches: inputs have shape ``(batch, dim)`` and a
 per-example quantity has shape ``(batch,)`` (summed over ``dim``). Each
-forward function is followed by its ``*_backward``, which takes the gradient
-``d_<output>`` of a scalar loss with respect to the per-example output (an
-array of shape ``(batch,)`` or a scalar that applies to every row) and returns
-the gradients with respect to the inputs, in the order the docstring names.
+forward function is followed by its ``*_backward(d_out, *saved)``: first the
+gradient ``d_<output>`` of a scalar loss with respect to the forward's output
+(for a per-example output, an array ``(batch,)`` or a scalar that applies to
+every row), then what the forward saw or returned; it returns the gradients
+with respect to the inputs, in the order the docstring names.
 
 The VAE objective these pieces build (for one example ``x``):
 
@@ -67,50 +68,14 @@ def bernoulli_nll(logits, x):
     return (softplus(logits) - x * logits).sum(axis=-1)
 
 
-def bernoulli_nll_backward(logits, x, d_nll):
+def bernoulli_nll_backward(d_nll, logits, x):
     r"""Gradient of :func:`bernoulli_nll` with respect to the logits.
 
     .. math:: \frac{\partial L}{\partial l_d} = \frac{\partial L}{\partial \mathrm{nll}}\,(\sigma(l_d) - x_d)
 
-    Returns ``d_logits (batch, dim)``.
+    ``d_nll`` is a scalar or ``(batch,)``; returns ``d_logits (batch, dim)``.
     """
     return _rows(d_nll, logits) * (sigmoid(logits) - x)
-
-
-def bernoulli_nll_and_grad(logits, x, out=None, tmp=None):
-    r""":func:`bernoulli_nll` and its gradient per unit upstream gradient, with no temporary arrays.
-
-    .. math::
-        \mathrm{nll} = \sum_d \big[\log(1 + e^{-|l_d|}) + \max(l_d, 0) - x_d\, l_d\big],\qquad
-        \frac{\partial\,\mathrm{nll}}{\partial l_d} = \sigma(l_d) - x_d = \tfrac12\big(1 + \tanh\tfrac{l_d}{2}\big) - x_d
-
-    The same numbers as :func:`bernoulli_nll` and
-    ``bernoulli_nll_backward(logits, x, 1.0)``, computed in place in two
-    ``(batch, dim)`` buffers: ``out`` receives the gradient and ``tmp`` is
-    scratch (both allocated when omitted). The training step passes kept
-    buffers: a fresh array of this size per operation costs more than the
-    arithmetic (every one comes back from the operating system as new pages).
-
-    Shapes: ``logits, x (batch, dim)`` -> ``nll (batch,)``, ``grad (batch, dim)`` (``out``).
-    """
-    xp = get_array_module(logits, x)
-    t = xp.empty_like(logits) if tmp is None else tmp
-    g = xp.empty_like(logits) if out is None else out
-    xp.abs(logits, out=t)
-    xp.negative(t, out=t)
-    xp.exp(t, out=t)
-    xp.log1p(t, out=t)  # log(1 + e^{-|l|})
-    xp.maximum(logits, 0, out=g)
-    t += g  # softplus(l)
-    xp.multiply(x, logits, out=g)
-    t -= g
-    nll = t.sum(axis=-1)
-    xp.multiply(logits, 0.5, out=g)
-    xp.tanh(g, out=g)
-    g += 1.0
-    g *= 0.5  # sigma(l)
-    g -= x
-    return nll, g
 
 
 # --------------------------------------------------------------------------------------
@@ -139,7 +104,7 @@ def gaussian_nll(mean, x, log_var):
     return 0.5 * per_dim.sum(axis=-1)
 
 
-def gaussian_nll_backward(mean, x, log_var, d_nll):
+def gaussian_nll_backward(d_nll, mean, x, log_var):
     r"""Gradients of :func:`gaussian_nll` with respect to ``mean`` and ``log_var``.
 
     .. math::
@@ -209,7 +174,7 @@ def kl_normal_std(mu, log_var):
     return -neg_kl
 
 
-def kl_normal_std_backward(mu, log_var, d_kl):
+def kl_normal_std_backward(d_kl, mu, log_var):
     r"""Gradients of :func:`kl_normal_std`.
 
     .. math::

@@ -1,35 +1,49 @@
 r"""The variational autoencoder and the plain autoencoder, with hand-written backward passes.
 
-VAE (Kingma & Welling, 2014), for a batch ``x`` of shape ``(batch, input_dim)``:
+This is the reference: every training step of every engine is checked
+against :meth:`VAE.loss_and_grad` and :meth:`Autoencoder.loss_and_grad`,
+which are written with the plain forward and backward functions of
+:mod:`scratchvae.layers` and :mod:`scratchvae.losses`, in named steps, and the
+backward pass as ``d_<name>`` lines in reverse order.
+
+The VAE (Kingma & Welling, 2014) for one example :math:`x` with :math:`D`
+dimensions and a latent :math:`z` with :math:`J`, an encoder :math:`e` and a
+decoder :math:`d`:
 
 .. math::
-    [\mu, \log\sigma^2] = e(x) \qquad\text{(encoder MLP)}
+    \mathrm{ELBO}(x) = \mathbb E_{q(z|x)}[\log p(x|z)] - \mathrm{KL}(q(z|x)\,\|\,p(z)),
+    \qquad q(z|x) = N(\mu, \mathrm{diag}\,\sigma^2),\quad p(z) = N(0, I)
 
-    z = \mu + \sigma\,\epsilon,\quad \sigma = \exp(\tfrac12\log\sigma^2),\quad \epsilon\sim N(0,I)
+    [\mu, \log\sigma^2] = e(x), \qquad
+    -\mathrm{KL} = \tfrac12\sum_j\big(1 + \log\sigma_j^2 - \mu_j^2 - \sigma_j^2\big)
 
-    \text{decoder output} = d(z) \qquad\text{(logits, or the Gaussian mean [and log-variance])}
+    z = \mu + \sigma\,\epsilon,\quad \sigma = \exp(\tfrac12\log\sigma^2),\quad \epsilon \sim N(0, I),
+    \qquad -\log p(x|z) \text{ from the decoder output } d(z)
 
-    \text{loss} = \frac1B\sum_b \big[-\log p(x_b|z_b) + \beta\,\mathrm{KL}(q(z|x_b)\,\|\,N(0,I))\big]
-               = -\frac1B\sum_b \mathrm{ELBO}(x_b) \quad(\beta = 1)
+Training minimises the negative ELBO averaged over a batch of :math:`B`
+examples (with one :math:`\epsilon` each, and the KL weighted by
+:math:`\beta`, 1 for the ELBO), in nats per example:
 
-The loss is summed over data dimensions and latent dimensions and *averaged*
-over the batch: it is the negative ELBO per example, in nats.
+.. math:: \text{loss} = \frac1B\sum_b \big[-\log p(x_b|z_b) + \beta\,\mathrm{KL}(q(z|x_b)\,\|\,p(z))\big]
+
+The plain autoencoder has a deterministic code and the squared error:
+
+.. math:: \hat x = d(e(x)), \qquad \text{loss} = \frac1B\sum_b\sum_d (x_{bd} - \hat x_{bd})^2
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import NamedTuple
 
 import numpy as np
 
 from . import losses as L
-from .backend import STREAM_INIT, STREAM_NOISE, Generator, get_xp, to_device
-from .layers import MLP, Activation, Workspace, bind_flat, make_activation, sigmoid
+from .backend import get_xp, to_device
+from .layers import MLP, bind_flat, make_activation, sigmoid
+from .rng import STREAM_INIT, STREAM_NOISE, Generator
+from .validate import as_dtype, as_sizes, check_batch, check_beta
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
-DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
 class Loss(NamedTuple):
@@ -40,108 +54,49 @@ class Loss(NamedTuple):
     kl: object
 
 
-def check_beta(beta) -> float:
-    """The KL weight as a Python float (which never promotes a float32 loss), checked to be finite and >= 0."""
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"beta must be a finite number >= 0, got {value!r}")
-    return value
-
-
-def _as_dtype(dtype):
-    key = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if key not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose float32 or float64")
-    return DTYPES[key]
-
-
-def _as_sizes(hidden, what="hidden"):
-    if isinstance(hidden, (int, np.integer)):
-        hidden = (hidden,)
-    try:
-        sizes = tuple(int(h) for h in hidden)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a sequence of positive ints, got {hidden!r}") from None
-    if any(h < 1 for h in sizes):
-        raise ValueError(f"{what} sizes must be positive, got {sizes}")
-    return sizes
+def check_eps(eps, shape, xp, dtype):
+    """Reparameterization noise ``eps`` on the device ``xp`` in ``dtype``, checked to have ``shape``."""
+    eps = to_device(eps, xp, dtype=dtype)
+    if eps.shape != tuple(shape):
+        raise ValueError(f"eps must have shape {tuple(shape)}, got {tuple(eps.shape)}")
+    return eps
 
 
 class _Model:
-    """What the VAE and the autoencoder share: flat buffers, dtype/backend, input checks."""
+    """What the VAE and the autoencoder share: flat buffers, dtype and backend, input checks."""
+
+    bounded_input = False  # whether training data must lie in [0, 1]
 
     def _setup(self, input_dim, latent_dim, backend, dtype, seed):
         if int(input_dim) < 1 or int(latent_dim) < 1:
             raise ValueError(f"input_dim and latent_dim must be positive, got {input_dim}, {latent_dim}")
         self.input_dim, self.latent_dim = int(input_dim), int(latent_dim)
         self.xp = get_xp(backend)
-        self.dtype = _as_dtype(dtype)
+        self.dtype = as_dtype(dtype)
         self.seed = int(seed)
         self.rng = Generator(self.seed, self.xp, stream=STREAM_NOISE)
 
     def _build(self, *mlps):
-        self._mlp_names = [next(k for k, v in vars(self).items() if v is mlp) for mlp in mlps]
-        dense = [layer for mlp in mlps for layer in mlp.dense]
-        self.params, self.grads = bind_flat(dense, self.xp, self.dtype)
-        self._work = Workspace(self.xp)  # buffers of the training step, kept across steps
+        """One flat parameter buffer (and one gradient buffer) for the dense layers of ``mlps``, initialised."""
+        self.dense_layers = [layer for mlp in mlps for layer in mlp.dense]  # in the order of the flat buffer
+        self.params, self.grads = bind_flat(self.dense_layers, self.xp, self.dtype)
         init_rng = Generator(self.seed, self.xp, stream=STREAM_INIT)
-        for layer in dense:
+        for layer in self.dense_layers:
             layer.initialize(init_rng)
-
-    def _replica(self):
-        """A model that shares this one's parameter buffer but has its own gradients and work buffers.
-
-        Layers cache their inputs in ``forward`` for ``backward``, so two
-        threads cannot run one model at once; each runs its own replica
-        (see :mod:`scratchvae.parallel`). Writing the replica's ``params``
-        writes this model's.
-        """
-        r = copy.copy(self)
-        for name, value in vars(self).items():
-            if isinstance(value, Activation):  # e.g. the autoencoder's output activation caches y
-                setattr(r, name, copy.copy(value))
-        mlps = [getattr(self, name).clone() for name in self._mlp_names]
-        for name, mlp in zip(self._mlp_names, mlps):
-            setattr(r, name, mlp)
-        dense = [layer for mlp in mlps for layer in mlp.dense]
-        r.params, r.grads = bind_flat(dense, self.xp, self.dtype, params=self.params)
-        r._work = Workspace(self.xp)
-        return r
 
     @property
     def n_params(self) -> int:
         return int(self.params.size)
 
-    def check_input(self, x, name="x", bounded=False):
-        """Validate a batch and return it on the model's device in its dtype.
+    def check_input(self, x, name="x", bounded=None):
+        """A batch ``(batch, input_dim)`` checked and returned on the model's device in its dtype.
 
-        Raises ``ValueError`` naming the problem: not 2-D, wrong feature
-        dimension, empty, integer/bool/object dtype, NaN/inf, or (for a
-        Bernoulli likelihood, ``bounded=True``) values outside ``[0, 1]``.
+        ``bounded`` (default: whether the model's loss needs it, as for the
+        Bernoulli likelihood) also requires values in ``[0, 1]``. See
+        :func:`scratchvae.validate.check_batch` for what is refused.
         """
-        xp = self.xp
-        dtype = getattr(x, "dtype", None)
-        if dtype is None:
-            x = np.asarray(x)
-            dtype = x.dtype
-        if np.dtype(dtype).kind != "f":
-            raise ValueError(
-                f"{name} must be a floating-point array, got dtype {np.dtype(dtype)} "
-                "(convert images with x.astype(np.float32) / 255)"
-            )
-        if x.ndim != 2 or x.shape[1] != self.input_dim:
-            raise ValueError(f"{name} must have shape (batch, {self.input_dim}), got {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} is an empty batch")
-        x = to_device(x, xp, dtype=self.dtype)
-        if not bool(xp.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or inf")
-        if bounded and not bool(((x >= 0) & (x <= 1)).all()):
-            raise ValueError(f"{name} must lie in [0, 1] for the Bernoulli likelihood")
-        return x
+        bounded = self.bounded_input if bounded is None else bounded
+        return check_batch(x, self.xp, self.dtype, self.input_dim, name, bounded)
 
 
 class VAE(_Model):
@@ -159,9 +114,10 @@ class VAE(_Model):
         ``bernoulli``: the decoder outputs logits ``l`` and
         :math:`-\log p(x|z) = \sum_d \operatorname{softplus}(l_d) - x_d l_d`
         (targets in ``[0, 1]``). ``gaussian``: the decoder outputs the mean and
-        the variance is fixed to ``exp(gaussian_log_var)``: the
-        squared-error loss :math:`(x - \hat x)^2` up to scale and a constant. ``gaussian_learned``: the decoder outputs a
-        mean and a per-pixel log-variance (``2 D`` outputs).
+        the variance is fixed to ``exp(gaussian_log_var)``: the squared-error
+        loss :math:`(x - \hat x)^2` up to scale and a constant.
+        ``gaussian_learned``: the decoder outputs a mean and a per-pixel
+        log-variance (``2 D`` outputs).
     activation : str
         Hidden activation: relu, tanh, sigmoid or softplus.
     decoder_hidden : sequence of int, optional
@@ -191,6 +147,9 @@ class VAE(_Model):
 
     Attributes
     ----------
+    encoder, decoder : MLP
+        ``x (batch, D) -> [mu, h_log_var] (batch, 2J)`` and
+        ``z (batch, J) -> (batch, D)`` (``2D`` for ``gaussian_learned``).
     params, grads : 1-D arrays
         All weights and biases in one flat buffer, and their gradients; every
         layer's ``W, b, d_W, d_b`` is a view into these.
@@ -215,11 +174,12 @@ class VAE(_Model):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
         self._setup(input_dim, latent_dim, backend, dtype, seed)
-        self.hidden = _as_sizes(hidden)
+        self.hidden = as_sizes(hidden)
         self.decoder_hidden = (
-            tuple(reversed(self.hidden)) if decoder_hidden is None else _as_sizes(decoder_hidden, "decoder_hidden")
+            tuple(reversed(self.hidden)) if decoder_hidden is None else as_sizes(decoder_hidden, "decoder_hidden")
         )
         self.likelihood = likelihood
+        self.bounded_input = likelihood == "bernoulli"
         make_activation(activation)  # an unknown name fails here even if no hidden layer uses it
         self.activation = activation
         self.gaussian_log_var = float(gaussian_log_var)
@@ -231,7 +191,7 @@ class VAE(_Model):
         J, D = self.latent_dim, self.input_dim
         n_out = 2 * D if likelihood == "gaussian_learned" else D
         self.init = init
-        self.encoder = MLP((D, *self.hidden, 2 * J), activation, init)  # outputs [mu, log_var]
+        self.encoder = MLP((D, *self.hidden, 2 * J), activation, init)  # outputs [mu, h_log_var]
         self.decoder = MLP((J, *self.decoder_hidden, n_out), activation, init)
         self._build(self.encoder, self.decoder)
 
@@ -252,102 +212,100 @@ class VAE(_Model):
             "seed": self.seed,
         }
 
-    # ---------------------------------------------------------------- forward pieces
+    # ---------------------------------------------------------------- q(z|x) and p(x|z)
 
     def encode(self, x):
-        """Posterior parameters ``(mu, log_var)``, each ``(batch, latent_dim)``, of :math:`q(z|x)`."""
-        x = self.check_input(x)
-        return self._encode(x)
+        r"""The parameters of :math:`q(z|x) = N(\mu, \mathrm{diag}\,\sigma^2)`: ``(mu, log_var)``, each ``(batch, J)``.
 
-    def _encode(self, x, work=None):
-        h = self.encoder.forward(x, work=work)  # (batch, 2J) = [mu, h_log_var]
-        J = self.latent_dim
-        return h[:, :J], L.bound_log_var(h[:, J:], self.log_var_bound)
-
-    def _recon_nll(self, dec_out, x):
-        """:math:`-\\log p(x|z)` per example from the decoder output ``(batch, D or 2D)``."""
-        if self.likelihood == "bernoulli":
-            return L.bernoulli_nll(dec_out, x)
-        if self.likelihood == "gaussian":
-            return L.gaussian_nll(dec_out, x, self.gaussian_log_var)
-        D = self.input_dim
-        return L.gaussian_nll(dec_out[..., :D], x, L.bound_log_var(dec_out[..., D:], self.log_var_bound))
-
-    def _recon_nll_backward(self, dec_out, x, d_nll):
-        """``d_dec_out`` from the upstream gradient of :meth:`_recon_nll`."""
-        if self.likelihood == "bernoulli":
-            return L.bernoulli_nll_backward(dec_out, x, d_nll)
-        if self.likelihood == "gaussian":
-            d_mean, _ = L.gaussian_nll_backward(dec_out, x, self.gaussian_log_var, d_nll)
-            return d_mean
-        D, c = self.input_dim, self.log_var_bound
-        log_var = L.bound_log_var(dec_out[:, D:], c)
-        d_mean, d_log_var = L.gaussian_nll_backward(dec_out[:, :D], x, log_var, d_nll)
-        return self.xp.concatenate([d_mean, L.bound_log_var_backward(d_log_var, log_var, c)], axis=1)
-
-    def _recon_nll_and_grad(self, dec_out, x, work):
-        """:meth:`_recon_nll` and ``d nll_b / d dec_out_b`` (for an upstream gradient of 1), for the training steps.
-
-        The caller scales the gradient's rows in place by the real upstream
-        gradient. The Bernoulli case runs in two kept buffers of ``work``
-        (see :func:`~scratchvae.losses.bernoulli_nll_and_grad`).
+        .. math:: [\mu, h] = e(x), \qquad \log\sigma^2 = c\tanh(h / c)
         """
-        if self.likelihood == "bernoulli":
-            out = work.get("d_dec_out", dec_out.shape, dec_out.dtype)
-            return L.bernoulli_nll_and_grad(dec_out, x, out=out, tmp=work.get("nll_tmp", dec_out.shape, dec_out.dtype))
-        return self._recon_nll(dec_out, x), self._recon_nll_backward(dec_out, x, 1.0)
+        return self._posterior(self.check_input(x, bounded=False))
 
-    def _mean_from_output(self, dec_out):
-        """The mean of :math:`p(x|z)`: ``sigmoid(logits)`` or the Gaussian mean."""
+    def _posterior(self, x):
+        """:meth:`encode` of a batch already checked."""
+        enc_out = self.encoder.forward(x)
+        J = self.latent_dim
+        return enc_out[:, :J], L.bound_log_var(enc_out[:, J:], self.log_var_bound)
+
+    def output_mean(self, dec_out):
+        """The mean of :math:`p(x|z)` from a decoder output: ``sigmoid(logits)``, or the Gaussian mean."""
         if self.likelihood == "bernoulli":
             return sigmoid(dec_out)
-        return dec_out[:, : self.input_dim]
+        return dec_out[..., : self.input_dim]
 
     def decode(self, z):
-        """Mean of :math:`p(x|z)` (pixel probabilities for Bernoulli), ``(batch, input_dim)``."""
+        """The mean of :math:`p(x|z)` (pixel probabilities for Bernoulli), ``(batch, input_dim)``."""
         z = to_device(z, self.xp, dtype=self.dtype)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must have shape (batch, {self.latent_dim}), got {tuple(z.shape)}")
-        return self._mean_from_output(self.decoder.forward(z))
+        return self.output_mean(self.decoder.forward(z))
 
     def reconstruct(self, x):
-        """Decode the posterior mean: :math:`\\mathbb{E}[p(x|z=\\mu(x))]`, ``(batch, input_dim)``."""
+        r"""Decode the posterior mean: the mean of :math:`p(x|z=\mu(x))`, ``(batch, input_dim)``."""
         mu, _ = self.encode(x)
-        return self._mean_from_output(self.decoder.forward(mu))
+        return self.output_mean(self.decoder.forward(mu))
 
     def sample(self, n: int, rng: Generator | None = None):
-        """``n`` samples from the generative model's mean: :math:`z\\sim N(0,I)`, return ``decode(z)``."""
+        r"""``n`` samples of the generative model's mean: :math:`z \sim N(0, I)`, then ``decode(z)``."""
         if int(n) < 1:
             raise ValueError(f"n must be positive, got {n}")
         rng = rng or self.rng
         return self.decode(rng.normal((int(n), self.latent_dim), self.dtype))
 
+    # ---------------------------------------------------------------- the reconstruction term
+
+    def reconstruction_nll(self, dec_out, x):
+        r""":math:`-\log p(x|z)` per example from the decoder output ``(..., batch, D or 2D)`` -> ``(..., batch)``.
+
+        Bernoulli: :func:`~scratchvae.losses.bernoulli_nll` of the logits;
+        Gaussian: :func:`~scratchvae.losses.gaussian_nll` of the mean with
+        the fixed log-variance, or (``gaussian_learned``) with the second half
+        of the output through :func:`~scratchvae.losses.bound_log_var`.
+        """
+        if self.likelihood == "bernoulli":
+            return L.bernoulli_nll(dec_out, x)
+        if self.likelihood == "gaussian":
+            return L.gaussian_nll(dec_out, x, self.gaussian_log_var)
+        D, c = self.input_dim, self.log_var_bound
+        return L.gaussian_nll(dec_out[..., :D], x, L.bound_log_var(dec_out[..., D:], c))
+
+    def reconstruction_nll_backward(self, d_recon, dec_out, x):
+        """``d_dec_out (batch, D or 2D)`` from ``d_recon`` (scalar or ``(batch,)``), the gradient of :meth:`reconstruction_nll`."""
+        if self.likelihood == "bernoulli":
+            return L.bernoulli_nll_backward(d_recon, dec_out, x)
+        if self.likelihood == "gaussian":
+            d_mean, _ = L.gaussian_nll_backward(d_recon, dec_out, x, self.gaussian_log_var)
+            return d_mean
+        D, c = self.input_dim, self.log_var_bound
+        log_var = L.bound_log_var(dec_out[..., D:], c)
+        d_mean, d_log_var = L.gaussian_nll_backward(d_recon, dec_out[..., :D], x, log_var)
+        d_h_log_var = L.bound_log_var_backward(d_log_var, log_var, c)
+        return self.xp.concatenate([d_mean, d_h_log_var], axis=-1)
+
     def log_px_given_z(self, z, x):
         r""":math:`\log p(x|z)` for latent samples ``z (..., batch, J)`` and data ``x (batch, D)`` -> ``(..., batch)``."""
         lead = z.shape[:-1]
         dec_out = self.decoder.forward(z.reshape(-1, self.latent_dim))
-        dec_out = dec_out.reshape(*lead, dec_out.shape[-1])
-        return -self._recon_nll(dec_out, x)
+        return -self.reconstruction_nll(dec_out.reshape(*lead, dec_out.shape[-1]), x)
+
+    # ---------------------------------------------------------------- the ELBO
 
     def loss_parts(self, x, eps=None):
-        r"""Per-example reconstruction term and KL, forward only.
+        r"""Per-example reconstruction term and KL, forward only, with one sample :math:`z = \mu + \sigma\epsilon`.
 
         Returns
         -------
         recon : array ``(batch,)``
-            :math:`-\log p(x|z)` at :math:`z = \mu + \sigma\epsilon` (one sample).
+            :math:`-\log p(x|z)`.
         kl : array ``(batch,)``
             :math:`\mathrm{KL}(q(z|x)\,\|\,N(0, I))`, analytic.
         """
-        x = self.check_input(x, bounded=self.likelihood == "bernoulli")
-        return self._loss_parts(x, self._check_eps(eps, x.shape[0]))
-
-    def _loss_parts(self, x, eps=None):
-        mu, log_var = self._encode(x)
-        if eps is None:
-            eps = self.rng.normal(mu.shape, self.dtype)
+        x = self.check_input(x)
+        mu, log_var = self._posterior(x)
+        shape = mu.shape
+        eps = self.rng.normal(shape, self.dtype) if eps is None else check_eps(eps, shape, self.xp, self.dtype)
         z, _ = L.reparameterize(mu, log_var, eps)
-        return self._recon_nll(self.decoder.forward(z), x), L.kl_normal_std(mu, log_var)
+        return self.reconstruction_nll(self.decoder.forward(z), x), L.kl_normal_std(mu, log_var)
 
     def elbo(self, x, eps=None):
         r"""Per-example ELBO, ``(batch,)``, with one reparameterized sample.
@@ -357,7 +315,7 @@ class VAE(_Model):
         recon, kl = self.loss_parts(x, eps)
         return -recon - kl
 
-    # ---------------------------------------------------------------- loss and gradient
+    # ---------------------------------------------------------------- the loss and its gradient
 
     def loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
         r"""Negative ELBO per example and its gradient in ``self.grads``.
@@ -378,53 +336,40 @@ class VAE(_Model):
             ``recon`` :math:`= \frac1B\sum_b -\log p(x_b|z_b)`, ``kl`` the mean
             KL, all 0-d arrays on the model's device. ``self.grads`` holds
             :math:`\partial\,\text{loss}/\partial\,\text{params}` on return.
+
+        The forward pass is eight named steps and the backward pass the same
+        steps in reverse, ``d_<name>`` being :math:`\partial\,\text{loss}/\partial\,\text{<name>}`
+        (``docs/derivation.md``, section 11, walks through it line by line).
+        Where a value feeds two places (``mu`` and ``log_var`` feed both
+        :math:`z` and the KL) its gradients add.
         """
-        x = self.check_input(x, bounded=self.likelihood == "bernoulli")
-        return self._loss_and_grad(x, self._check_eps(eps, x.shape[0]), check_beta(beta))
-
-    def _check_eps(self, eps, batch):
-        """``eps`` (or ``None``) on the model's device and in its dtype, checked to be ``(batch, latent_dim)``."""
-        if eps is None:
-            return None
-        eps = to_device(eps, self.xp, dtype=self.dtype)
-        if eps.shape != (batch, self.latent_dim):
-            raise ValueError(f"eps must have shape {(batch, self.latent_dim)}, got {tuple(eps.shape)}")
-        return eps
-
-    def _loss_and_grad(self, x, eps=None, beta=1.0, n_total=None) -> Loss:
-        """:meth:`loss_and_grad` without input checks (``x`` already on device, in dtype).
-
-        Layer outputs live in work buffers kept across calls, and every
-        layer's gradient is written once (no zeroing, no temporaries); the
-        numbers are those of the plain forward/backward the tests check.
-
-        ``n_total`` (default: the rows of ``x``) is the batch size the sums
-        are divided by: with ``x`` a part of a batch of ``n_total`` rows, the
-        loss and gradient are that part's share of the batch's, and the
-        shares of all parts add up to the whole (see :mod:`scratchvae.parallel`).
-        """
-        xp, work, c = self.xp, self._work, self.log_var_bound
-        J = self.latent_dim
-        B = x.shape[0] if n_total is None else n_total
+        x = self.check_input(x)
+        beta = check_beta(beta)
+        B, J, c = x.shape[0], self.latent_dim, self.log_var_bound
+        eps = self.rng.normal((B, J), self.dtype) if eps is None else check_eps(eps, (B, J), self.xp, self.dtype)
         # forward
-        mu, log_var = self._encode(x, work=work)  # encoder output [mu, h_log_var], log_var = c tanh(h / c)
-        if eps is None:
-            eps = self.rng.normal((x.shape[0], J), self.dtype)
-        z, sigma = L.reparameterize(mu, log_var, eps)
-        dec_out = self.decoder.forward(z, work=work)
-        recon, d_dec_out = self._recon_nll_and_grad(dec_out, x, work)  # (rows,), d recon_b / d dec_out_b
-        kl = L.kl_normal_std(mu, log_var)  # (rows,)
-        recon_mean, kl_mean = recon.sum() / B, kl.sum() / B
-        loss = recon_mean + beta * kl_mean
-        # backward (reverse order); d loss / d recon_b = 1/B, d loss / d kl_b = beta/B
-        d_dec_out *= 1.0 / B
-        d_z = self.decoder.backward(d_dec_out, work=work)
-        d_mu, d_log_var = L.reparameterize_backward(d_z, eps, sigma)
-        d_mu_kl, d_log_var_kl = L.kl_normal_std_backward(mu, log_var, beta / B)
-        d_enc_out = work.get("d_enc_out", mu.shape[:1] + (2 * J,), mu.dtype)
-        xp.add(d_mu, d_mu_kl, out=d_enc_out[:, :J])  # mu feeds z and the KL: gradients add
-        d_enc_out[:, J:] = L.bound_log_var_backward(d_log_var + d_log_var_kl, log_var, c)
-        self.encoder.backward(d_enc_out, need_input_grad=False, work=work)
+        enc_out = self.encoder.forward(x)  # F1: (B, 2J)
+        mu, h_log_var = enc_out[:, :J], enc_out[:, J:]  # F2: q(z|x) = N(mu, exp(log_var))
+        log_var = L.bound_log_var(h_log_var, c)
+        z, sigma = L.reparameterize(mu, log_var, eps)  # F3: z = mu + sigma * eps
+        dec_out = self.decoder.forward(z)  # F4
+        recon = self.reconstruction_nll(dec_out, x)  # F5: -log p(x|z), (B,)
+        kl = L.kl_normal_std(mu, log_var)  # F6: KL(q(z|x) || N(0, I)), (B,)
+        recon_mean, kl_mean = recon.mean(), kl.mean()  # F7
+        loss = recon_mean + beta * kl_mean  # F8
+        # backward, in reverse order
+        self.grads[...] = 0  # the layers add their parameters' gradients to it
+        d_recon_mean, d_kl_mean = 1.0, beta  # B8
+        d_recon, d_kl = d_recon_mean / B, d_kl_mean / B  # B7: the same for every example
+        d_mu, d_log_var = L.kl_normal_std_backward(d_kl, mu, log_var)  # B6
+        d_dec_out = self.reconstruction_nll_backward(d_recon, dec_out, x)  # B5
+        d_z = self.decoder.backward(d_dec_out)  # B4
+        d_mu_z, d_log_var_z = L.reparameterize_backward(d_z, eps, sigma)  # B3: the parts that come through z
+        d_mu += d_mu_z
+        d_log_var += d_log_var_z
+        d_h_log_var = L.bound_log_var_backward(d_log_var, log_var, c)  # B2
+        d_enc_out = self.xp.concatenate([d_mu, d_h_log_var], axis=1)
+        self.encoder.backward(d_enc_out)  # B1: fills the encoder's d_W, d_b (the gradient for x goes unused)
         return Loss(loss, recon_mean, kl_mean)
 
 
@@ -437,7 +382,7 @@ class Autoencoder(_Model):
 
     Parameters
     ----------
-    input_dim, hidden, latent_dim, activation, backend, dtype, seed
+    input_dim, hidden, latent_dim, activation, init, backend, dtype, seed
         As for :class:`VAE`; the code ``e(x)`` has ``latent_dim`` units.
     output : {"sigmoid", "identity"}
         Output activation of the decoder (sigmoid keeps images in ``[0, 1]``).
@@ -457,7 +402,7 @@ class Autoencoder(_Model):
         seed=0,
     ):
         self._setup(input_dim, latent_dim, backend, dtype, seed)
-        self.hidden = _as_sizes(hidden)
+        self.hidden = as_sizes(hidden)
         make_activation(activation)  # an unknown name fails here even if no hidden layer uses it
         self.activation = activation
         if output not in ("sigmoid", "identity"):
@@ -493,22 +438,28 @@ class Autoencoder(_Model):
         return self.out_act.forward(self.decoder.forward(code))
 
     def reconstruct(self, x):
-        """:math:`\\hat x = d(e(x))`."""
+        r""":math:`\hat x = d(e(x))`."""
         return self.decode(self.encode(x))
 
     def loss_and_grad(self, x) -> Loss:
-        """Mean squared-error loss per example and its gradient in ``self.grads`` (``kl`` is 0)."""
-        x = self.check_input(x)
-        return self._loss_and_grad(x)
+        r"""Squared-error loss per example and its gradient in ``self.grads`` (``kl`` is 0).
 
-    def _loss_and_grad(self, x, eps=None, beta=1.0, n_total=None) -> Loss:
-        B = x.shape[0] if n_total is None else n_total  # see VAE._loss_and_grad
+        ``x`` is ``(batch, input_dim)``, float and finite; the loss is
+        :math:`\frac1B\sum_{b,d}(x_{bd} - \hat x_{bd})^2` as a 0-d array.
+        """
+        x = self.check_input(x)
+        B = x.shape[0]
+        # forward
+        code = self.encoder.forward(x)  # F1: e(x), (B, latent_dim)
+        dec_out = self.decoder.forward(code)  # F2
+        x_hat = self.out_act.forward(dec_out)  # F3: x_hat = d(e(x))
+        diff = x_hat - x  # F4
+        loss = (diff * diff).sum() / B  # F5
+        # backward, in reverse order
         self.grads[...] = 0
-        code = self.encoder.forward(x)
-        x_hat = self.out_act.forward(self.decoder.forward(code))
-        diff = x_hat - x
-        loss = (diff * diff).sum() / B
-        d_x_hat = (2.0 / B) * diff
-        d_code = self.decoder.backward(self.out_act.backward(d_x_hat))
-        self.encoder.backward(d_code, need_input_grad=False)
+        d_diff = (2.0 / B) * diff  # B5
+        d_x_hat = d_diff  # B4
+        d_dec_out = self.out_act.backward(d_x_hat)  # B3
+        d_code = self.decoder.backward(d_dec_out)  # B2
+        self.encoder.backward(d_code)  # B1
         return Loss(loss, loss, self.xp.zeros((), dtype=self.dtype))

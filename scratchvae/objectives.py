@@ -24,6 +24,11 @@ the single-sample ELBO estimate with a Monte Carlo KL,
 :math:`\epsilon` is the ELBO that :meth:`VAE.loss_and_grad
 <scratchvae.model.VAE.loss_and_grad>` estimates with the analytic KL; the two
 agree in expectation (value and gradient), not draw by draw.
+
+Like :meth:`VAE.loss_and_grad <scratchvae.model.VAE.loss_and_grad>`, this is
+reference code: named forward steps, and the backward pass as ``d_<name>``
+lines in reverse order; the engines of :mod:`scratchvae.engines` are checked
+against it.
 """
 
 from __future__ import annotations
@@ -31,9 +36,8 @@ from __future__ import annotations
 import math
 
 from . import losses as L
-from .backend import to_device
-from .evaluate import check_k
-from .model import Loss
+from .model import Loss, check_eps
+from .validate import check_k
 
 
 def iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
@@ -70,25 +74,9 @@ def iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
         :math:`H(\tilde w)` is the entropy of the normalised weights. All are
         0-d arrays on the model's device. ``model.grads`` holds
         :math:`\partial\,\text{loss}/\partial\,\text{params}` on return.
-    """
-    x = model.check_input(x, bounded=model.likelihood == "bernoulli")
-    k = check_k(k)
-    if eps is not None:
-        eps = to_device(eps, model.xp, dtype=model.dtype)
-        shape = (k, x.shape[0], model.latent_dim)
-        if eps.shape != shape:
-            raise ValueError(f"eps must have shape {shape}, got {tuple(eps.shape)}")
-    return _iwae_loss_and_grad(model, x, k, eps)
-
-
-def _iwae_loss_and_grad(model, x, k, eps=None, n_total=None) -> Loss:
-    r""":func:`iwae_loss_and_grad` without input checks (``x`` on the model's device, in its dtype).
-
-    ``n_total`` is the batch size the sums over examples are divided by, as
-    in :meth:`VAE._loss_and_grad <scratchvae.model.VAE._loss_and_grad>`.
 
     The ``K`` samples of every example are stacked into ``(K * batch, ...)``
-    rows, so the decoder runs once per step. With the noise fixed,
+    rows, so the decoder runs once. With the noise fixed,
 
     .. math::
         \log q(z|x) = -\tfrac12\sum_j\big(\log 2\pi + \log\sigma_j^2 + \epsilon_j^2\big),\qquad
@@ -100,42 +88,43 @@ def _iwae_loss_and_grad(model, x, k, eps=None, n_total=None) -> Loss:
 
     (:math:`z` reaches :math:`\log q` only through :math:`\epsilon`, which is fixed).
     """
-    xp, work, c = model.xp, model._work, model.log_var_bound
-    K, (B, D), J = k, x.shape, model.latent_dim
-    n = B if n_total is None else n_total
+    x = model.check_input(x)
+    K = check_k(k)
+    xp, B, J, c = model.xp, x.shape[0], model.latent_dim, model.log_var_bound
+    shape = (K, B, J)
+    eps = model.rng.normal(shape, model.dtype) if eps is None else check_eps(eps, shape, xp, model.dtype)
     # forward
-    mu, log_var = model._encode(x, work=work)  # (B, J) each; log_var = c tanh(h / c)
-    if eps is None:
-        eps = model.rng.normal((K, B, J), model.dtype)
-    z, sigma = L.reparameterize(mu, log_var, eps)  # (K, B, J); sigma (B, J)
-    dec_out = model.decoder.forward(z.reshape(K * B, J), work=work)  # (K B, D or 2D)
-    x_k = work.get("x_k", (K * B, D), x.dtype)  # x repeated for each of the K samples
-    x_k.reshape(K, B, D)[...] = x
-    recon, d_dec_out = model._recon_nll_and_grad(dec_out, x_k, work)  # -log p(x|z_k), d recon / d dec_out
-    recon = recon.reshape(K, B)
-    log_pz = L.log_standard_normal(z)  # (K, B)
-    log_qz = L.log_q_reparameterized(log_var, eps)  # (K, B)
-    log_w = -recon + log_pz - log_qz  # (K, B)
-    top = log_w.max(axis=0)  # (B,), so that exp never overflows
-    w_shift = xp.exp(log_w - top)  # w_k / max_k w_k
-    w_sum = w_shift.sum(axis=0)  # (B,)
-    w_norm = w_shift / w_sum  # (K, B), the self-normalised weights w~_k, summing to 1 over k
-    bound = top + xp.log(w_sum) - math.log(K)  # (B,), L_K(x_b)
-    loss = -bound.sum() / n
-    recon_mean = (w_norm * recon).sum(axis=0).sum() / n
-    kl_mean = (w_norm * (log_qz - log_pz)).sum(axis=0).sum() / n
-    # backward (reverse order); d loss / d L_K(x_b) = -1/n and d L_K / d log w_k = w~_k
-    d_log_w = w_norm * (-1.0 / n)  # (K, B)
-    d_log_qz = -d_log_w
-    d_log_pz = d_log_w
-    d_recon = -d_log_w
-    d_dec_out *= d_recon.reshape(K * B, 1)
-    d_z = model.decoder.backward(d_dec_out, work=work).reshape(K, B, J)
-    d_z += d_log_pz[..., None] * (-z)  # z feeds the decoder and log p(z): gradients add
-    d_mu, d_log_var = L.reparameterize_backward(d_z, eps, sigma)  # (K, B, J) each
-    d_log_var += d_log_qz[..., None] * (-0.5)  # log_var feeds z and log q(z|x)
-    d_enc_out = work.get("d_enc_out", (B, 2 * J), mu.dtype)
-    d_enc_out[:, :J] = d_mu.sum(axis=0)  # mu and sigma are shared by the K samples: sum over k
-    d_enc_out[:, J:] = L.bound_log_var_backward(d_log_var.sum(axis=0), log_var, c)
-    model.encoder.backward(d_enc_out, need_input_grad=False, work=work)
+    enc_out = model.encoder.forward(x)  # F1: (B, 2J)
+    mu, h_log_var = enc_out[:, :J], enc_out[:, J:]  # F2: q(z|x) = N(mu, exp(log_var))
+    log_var = L.bound_log_var(h_log_var, c)
+    z, sigma = L.reparameterize(mu, log_var, eps)  # F3: z_k = mu + sigma * eps_k, (K, B, J)
+    x_k = xp.tile(x, (K, 1))  # x once for each sample, (K B, D), in the order of z's rows
+    dec_out = model.decoder.forward(z.reshape(K * B, J))  # F4: (K B, D or 2D)
+    recon = model.reconstruction_nll(dec_out, x_k).reshape(K, B)  # F5: -log p(x|z_k)
+    log_pz = L.log_standard_normal(z)  # F6: log p(z_k), (K, B)
+    log_qz = L.log_q_reparameterized(log_var, eps)  # F7: log q(z_k|x), (K, B)
+    log_w = -recon + log_pz - log_qz  # F8: (K, B)
+    top = log_w.max(axis=0)  # F9: L_K = log (1/K) sum_k w_k, with exp never overflowing
+    w = xp.exp(log_w - top)  # w_k / max_k w_k
+    w_sum = w.sum(axis=0)
+    bound = top + xp.log(w_sum) - math.log(K)  # (B,)
+    loss = -bound.mean()  # F10
+    w_norm = w / w_sum  # the self-normalised weights w~_k, summing to 1 over k
+    recon_mean = (w_norm * recon).sum(axis=0).mean()
+    kl_mean = (w_norm * (log_qz - log_pz)).sum(axis=0).mean()
+    # backward, in reverse order
+    model.grads[...] = 0
+    d_bound = -1.0 / B  # B10: the same for every example
+    d_log_w = d_bound * w_norm  # B9: d L_K / d log w_k = w~_k (a softmax)
+    d_recon, d_log_pz, d_log_qz = -d_log_w, d_log_w, -d_log_w  # B8
+    d_log_var = (d_log_qz[..., None] * xp.full_like(log_var, -0.5)).sum(axis=0)  # B7: d log q / d log_var_j = -1/2
+    d_z = d_log_pz[..., None] * -z  # B6: d log p(z) / d z = -z
+    d_dec_out = model.reconstruction_nll_backward(d_recon.reshape(K * B), dec_out, x_k)  # B5
+    d_z += model.decoder.backward(d_dec_out).reshape(K, B, J)  # B4: z feeds the decoder and log p(z)
+    d_mu_z, d_log_var_z = L.reparameterize_backward(d_z, eps, sigma)  # B3: (K, B, J) each
+    d_mu = d_mu_z.sum(axis=0)  # mu and log_var are shared by the K samples
+    d_log_var += d_log_var_z.sum(axis=0)
+    d_h_log_var = L.bound_log_var_backward(d_log_var, log_var, c)  # B2
+    d_enc_out = xp.concatenate([d_mu, d_h_log_var], axis=1)
+    model.encoder.backward(d_enc_out)  # B1
     return Loss(loss, recon_mean, kl_mean)

@@ -3,7 +3,8 @@
 :func:`train` is what ``scratchvae train`` runs. One epoch is one pass over
 the training images in an order drawn from the run's data generator; each
 minibatch is converted from ``uint8`` to floats (and binarized) on its own,
-so no float copy of the data set is ever held.
+so no float copy of the data set is ever held, and handed to an engine
+(:mod:`scratchvae.engines`) for the loss, the gradient and the update.
 
 Everything random has its own generator stream derived from ``seed``: the
 initial parameters, the reparameterization noise, the data order and
@@ -14,12 +15,10 @@ data order, so a resumed run continues exactly where the first one stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +27,18 @@ import numpy as np
 
 from . import data as D
 from . import images
-from ._files import atomic_write, remove_orphans
-from .backend import STREAM_DATA, STREAM_EVAL_DATA, STREAM_EVAL_ELBO, STREAM_EVAL_IWAE, STREAM_PICTURES
-from .backend import Generator, backend_name, get_xp, to_device, to_numpy
-from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
-from .evaluate import check_k, check_positive_int, iwae_bound
-from .layers import Workspace
+from .backend import backend_name, get_xp, to_device, to_numpy
+from .checkpoint import CheckpointError, load_checkpoint, optimizer_state, restore_model, save_checkpoint
+from .engines import ENGINES, engine_name, make_engine
+from .evaluate import evaluate_elbo
+from .files import atomic_write, remove_stale_temporaries
 from .model import VAE
 from .optim import OPTIMIZERS
-from .parallel import ParallelStep
+from .rng import STREAM_DATA, STREAM_EVAL_DATA, STREAM_PICTURES, Generator
+from .validate import OBJECTIVES, check_int_range, check_k, check_number, check_positive_int
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
-OBJECTIVES = ("elbo", "iwae")
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,7 +79,7 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: str = "adam"
     hidden: tuple = (400,)
-    latent: int = 20
+    latent_dim: int = 20
     activation: str = "relu"
     init: str = "fan_in_uniform"  # the torch.nn.Linear default, as in the PyTorch VAE example
     likelihood: str = "bernoulli"
@@ -98,12 +96,12 @@ class TrainConfig:
     train_size: int | None = None
     test_size: int | None = None
     checkpoint_every: int = 0  # also save every N steps inside an epoch (0: only at epoch ends)
-    progress: bool | None = None  # None: show a progress line when stderr is a terminal
-    threads: int | None = None  # threads of the training step (None: one per CPU, at most 8, on numpy; see ParallelStep)
+    engine: str = "auto"  # how a step runs (scratchvae.engines): auto, reference or cpu
+    threads: int | None = None  # threads of the cpu engine's steps (None: one per CPU, at most 8)
 
     # Fields that must agree between a run and its resumption.
     RESUME_KEYS = (
-        "batch_size", "lr", "optimizer", "hidden", "latent", "activation", "init", "likelihood",
+        "batch_size", "lr", "optimizer", "hidden", "latent_dim", "activation", "init", "likelihood",
         "binarize", "dtype", "seed", "train_size", "test_size", "objective", "k", "beta", "kl_warmup",
     )  # fmt: skip
 
@@ -114,26 +112,22 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first impossible value."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "latent": self.latent}
-        for name, v in positive.items():
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("epochs", "batch_size", "latent_dim"):
+            check_positive_int(getattr(self, name), name)
+        for name in ("train_size", "test_size", "threads"):
+            if getattr(self, name) is not None:
+                check_positive_int(getattr(self, name), name)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.binarize not in D.BINARIZE:
             raise ValueError(f"unknown binarize {self.binarize!r}; choose one of {', '.join(D.BINARIZE)}")
-        for name in ("train_size", "test_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.threads is not None:
-            check_positive_int(self.threads, "threads")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        check_int_range("seed", self.seed, 0)
+        check_int_range("checkpoint_every", self.checkpoint_every, 0)
+        check_int_range("kl_warmup", self.kl_warmup, 0)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         check_k(self.k)
@@ -141,8 +135,6 @@ class TrainConfig:
             isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0
         ):
             raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
-        if isinstance(self.kl_warmup, bool) or not isinstance(self.kl_warmup, (int, np.integer)) or self.kl_warmup < 0:
-            raise ValueError(f"kl_warmup must be an integer >= 0, got {self.kl_warmup!r}")
         if self.objective == "elbo" and self.k != 1:
             raise ValueError(f"k = {self.k} (--k) needs --objective iwae; the elbo objective uses one sample")
         if self.objective == "iwae" and (self.beta != 1 or self.kl_warmup != 0):
@@ -176,18 +168,6 @@ class EpochStats:
         self.kl += batch * kl
 
 
-def _whole(name, v, low, high=None):
-    if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
-        raise ValueError(f"{name} must be an integer in {low}..{'' if high is None else high}, got {v!r}")
-    return v
-
-
-def _real(name, v):
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise ValueError(f"{name} must be a number, got {v!r}")
-    return v
-
-
 def training_state(meta: dict, n: int, batch_size: int):
     """``(epoch, step, stats, history)`` from a checkpoint's metadata, checked against the run.
 
@@ -198,15 +178,15 @@ def training_state(meta: dict, n: int, batch_size: int):
     ``ValueError`` naming what does not fit.
     """
     n_steps = -(-n // batch_size)
-    epoch = _whole("epoch", meta["epoch"], 1)
-    step = _whole("step", meta["step"], 0, n_steps)
-    _whole("optimizer t", meta["optimizer"]["t"], 0)
+    epoch = check_int_range("epoch", meta["epoch"], 1)
+    step = check_int_range("step", meta["step"], 0, n_steps)
+    check_int_range("optimizer t", meta["optimizer"]["t"], 0)
     stats = EpochStats(**meta["stats"])
     covered = min(step * batch_size, n)
-    if _whole("stats n", stats.n, 0) != covered:
+    if check_int_range("stats n", stats.n, 0) != covered:
         raise ValueError(f"stats cover {stats.n} images, but step {step} in batches of {batch_size} means {covered}")
     for name in ("loss", "recon", "kl", "seconds"):
-        _real(f"stats {name}", getattr(stats, name))
+        check_number(f"stats {name}", getattr(stats, name))
     history = meta["history"]
     if (
         not isinstance(history, list) or len(history) != epoch - 1
@@ -215,7 +195,7 @@ def training_state(meta: dict, n: int, batch_size: int):
         raise ValueError(f"history must hold one row for each of epochs 1..{epoch - 1}")
     for row in history:
         for key in ("train_loss", "test_loss"):
-            _real(f"history {key}", row[key])
+            check_number(f"history {key}", row[key])
     return epoch, step, stats, history
 
 
@@ -228,7 +208,7 @@ def is_permutation(perm, n: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------
-# Data: uint8 images -> float minibatches on the model's device.
+# Data: MNIST as uint8 images.
 # ------------------------------------------------------------------------------------------
 
 
@@ -251,96 +231,6 @@ def prepare_mnist(cfg: TrainConfig):
     return train_x, train_y, test_x, test_y
 
 
-def batches_of(images_u8, model, binarize, rng, batch_size):
-    """Yield float minibatches of ``images_u8`` in order, on the model's device."""
-    for start in range(0, len(images_u8), batch_size):
-        xb = D.to_float_batch(images_u8[start : start + batch_size], binarize, rng, dtype=model.dtype)
-        yield to_device(xb, model.xp)
-
-
-def evaluate_elbo(model, images_u8, binarize, seed, batch_size=1000):
-    """Per-example means of the negative ELBO and its parts over a data set (one noise sample each).
-
-    The dynamic binarization and the noise come from two generators seeded
-    by ``seed`` alone (streams of their own), so the number is the same
-    whenever it is computed, and every evaluation binarizes the same way.
-    """
-    rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
-    rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_ELBO)
-    stats = EpochStats()
-    for xb in batches_of(images_u8, model, binarize, rng_data, batch_size):
-        recon, kl = model._loss_parts(xb, rng_eps.normal((xb.shape[0], model.latent_dim), model.dtype))
-        r, k = float(recon.mean()), float(kl.mean())
-        stats.add(xb.shape[0], r + k, r, k)
-    return {"loss": stats.loss / stats.n, "recon": stats.recon / stats.n, "kl": stats.kl / stats.n}
-
-
-def evaluate_nll(model, images_u8, binarize, seed, k=5000, batch_size=100, progress=None):
-    """Test negative log-likelihood in nats: :math:`-\\frac1N\\sum_n \\mathcal L_K(x_n)` (IWAE bound).
-
-    Returns ``(mean, standard_error)`` over the examples.
-    """
-    rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
-    rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_IWAE)
-    values = []
-    n = len(images_u8)
-    for i, xb in enumerate(batches_of(images_u8, model, binarize, rng_data, batch_size)):
-        values.append(to_numpy(iwae_bound(model, xb, k, rng=rng_eps)))
-        if progress:
-            progress(min((i + 1) * batch_size, n), n)
-    v = -np.concatenate(values)
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-
-
-# ------------------------------------------------------------------------------------------
-# Progress display.
-# ------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A progress line on stderr: tqdm when installed, else a plain updating line; silent when off."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self._bar, self._last, self._t0 = None, 0.0, time.perf_counter()
-        if enabled:
-            try:
-                from tqdm import tqdm  # optional
-
-                self._bar = tqdm(total=total, desc=desc, unit="ex", leave=False, file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, done: int, loss: float | None = None) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.n = done
-            if loss is not None:
-                self._bar.set_postfix(loss=f"{loss:.2f}", refresh=False)
-            self._bar.refresh()
-            return
-        now = time.perf_counter()
-        if now - self._last < 0.25 and done < self.total:
-            return
-        self._last = now
-        frac = done / max(self.total, 1)
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        rate = done / max(now - self._t0, 1e-9)
-        tail = f" loss {loss:8.2f}" if loss is not None else ""
-        sys.stderr.write(f"\r{self.desc} [{bar}] {100 * frac:5.1f}%{tail} {rate:8.0f} ex/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.close()
-        else:
-            sys.stderr.write("\r" + " " * 90 + "\r")
-            sys.stderr.flush()
-
-
 # ------------------------------------------------------------------------------------------
 # The run.
 # ------------------------------------------------------------------------------------------
@@ -351,20 +241,27 @@ class _Interrupted(Exception):
 
 
 class Run:
-    """A training run in a folder: model, optimiser, generators, position; saves and restores them."""
+    """A training run in a folder: model, optimiser, engine, generators, position; saves and restores them.
 
-    def __init__(self, cfg: TrainConfig, log=print):
+    ``log(line)`` receives one line per event (default :func:`print`).
+    ``progress(total, description)``, when given, makes a progress display
+    for an epoch: an object with ``update(done, loss)`` and ``close()`` (the
+    command line's :class:`scratchvae.cli.Progress`).
+    """
+
+    def __init__(self, cfg: TrainConfig, log=print, progress=None):
         cfg.validate()
-        self.cfg, self.log = cfg, log
+        self.cfg, self.log, self.progress = cfg, log, progress
+        self.started = time.time()  # temporary files older than this were left by earlier runs
         self.out = Path(cfg.out)
         self.xp = get_xp(cfg.backend)
         self.train_x, self.train_y, self.test_x, self.test_y = prepare_mnist(cfg)
         self.model = VAE(
-            self.train_x.shape[1], hidden=cfg.hidden, latent_dim=cfg.latent, likelihood=cfg.likelihood,
+            self.train_x.shape[1], hidden=cfg.hidden, latent_dim=cfg.latent_dim, likelihood=cfg.likelihood,
             activation=cfg.activation, init=cfg.init, backend=backend_name(self.xp), dtype=cfg.dtype, seed=cfg.seed,
         )  # fmt: skip
         self.opt = OPTIMIZERS[cfg.optimizer](self.model, lr=cfg.lr)
-        self._step_fn = None
+        self._engine, self._engine_key = None, None
         self._threads = cfg.threads  # None: the default, or on --resume the count the checkpoint was written with
         self.data_rng = Generator(cfg.seed, np, stream=STREAM_DATA)
         self.epoch, self.step = 1, 0  # next epoch to run (1-based) and next step within it
@@ -372,25 +269,29 @@ class Run:
         self.stats = EpochStats()
         self.history = []
         self.notes = None  # how the last pictures were rendered (see write_pictures)
-        self._batch_work = Workspace(np)  # the host float buffer each minibatch is converted into
+        self._batch = None  # the host float buffer each minibatch is converted into, kept across steps
+        self.engine  # an engine that cannot run this model says so now, before anything is written
 
     @property
-    def step_fn(self) -> ParallelStep:
-        """The training step: loss, gradient and update of ``opt`` (rebuilt if ``opt`` or the thread count changes)."""
+    def engine(self):
+        """The engine of the training steps (rebuilt when ``opt`` or the thread count changes)."""
         key = (self.opt, self._threads)
-        if self._step_fn is None or self._step_key != key:
-            cfg = self.cfg
-            self._step_fn = ParallelStep(self.model, self.opt, threads=self._threads, objective=cfg.objective, k=cfg.k)
-            self._step_key = key
-        return self._step_fn
+        if self._engine is None or self._engine_key != key:
+            cfg = self.cfg  # a thread count read from a checkpoint applies to the cpu engine only
+            threads = self._threads if engine_name(cfg.engine, self.model) == "cpu" else cfg.threads
+            self._engine = make_engine(
+                cfg.engine, self.model, self.opt, objective=cfg.objective, k=cfg.k, threads=threads
+            )
+            self._engine_key = key
+        return self._engine
 
     # ---------------------------------------------------------------- checkpoints
 
     def save(self) -> Path:
         """Write the checkpoint; NaN or inf in the parameters or the optimiser's state raise ``TrainingDiverged`` and keep the last good one.
 
-        (Adam's second-moment sum overflows to inf when gradients pass about
-        1e17 in float32; the parameters then stop moving but stay finite, so
+        (Adam's second moment overflows to inf when gradients pass about
+        1e19 in float32; the parameters then stop moving but stay finite, so
         the loss alone would not show it.)
         """
         opt_state = {f"opt_{k}": v for k, v in self.opt.state_dict().items() if k != "t"}  # live arrays
@@ -406,7 +307,7 @@ class Run:
             "epoch": self.epoch,
             "step": self.step,
             "optimizer": {"name": self.cfg.optimizer, "t": self.opt.t},
-            "step_threads": self.step_fn.threads,  # a resumed run splits its steps the same way
+            "step_threads": self.engine.threads,  # a resumed run splits its steps the same way
             "rng": {"noise": self.model.rng.get_state(), "data": self.data_rng.get_state()},
             "stats": dataclasses.asdict(self.stats),
             "history": self.history,
@@ -424,6 +325,8 @@ class Run:
             raise CheckpointError(f"cannot resume from {path}: it holds no training configuration")
         # a checkpoint from before the objective fields existed was trained with their defaults
         saved = {"objective": "elbo", "k": 1, "beta": 1.0, "kl_warmup": 0, **saved}
+        if "latent_dim" not in saved and "latent" in saved:  # the field's name before format version 3
+            saved["latent_dim"] = saved["latent"]
         now = self.cfg.to_json()
         diff = [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]
         if diff:
@@ -437,7 +340,7 @@ class Run:
             raise CheckpointError(f"cannot resume from {path}: the model has a different size")
         try:  # check everything before taking any of it
             epoch, step, stats, history = training_state(ckpt.meta, len(self.train_x), self.cfg.batch_size)
-            state = {k[4:]: to_device(v, self.xp) for k, v in ckpt.arrays.items() if k.startswith("opt_")}
+            state = {k: to_device(v, self.xp) for k, v in optimizer_state(ckpt, self.opt).items()}
             for k, v in state.items():
                 if v.shape != self.model.params.shape:
                     raise ValueError(f"optimiser array {k} has shape {v.shape}, not that of the parameters")
@@ -453,8 +356,10 @@ class Run:
         self.model.params[...] = model.params
         self.epoch, self.step, self.perm, self.stats, self.history = epoch, step, perm, stats, history
         if self.cfg.threads is None:  # the same split as before the interruption: bitwise the same run
-            with contextlib.suppress(ValueError):  # absent (written before steps were split) or not a count
+            try:  # absent (written before steps were split) or not a count: the default
                 self._threads = min(check_positive_int(ckpt.meta.get("step_threads"), "step_threads"), 1024)
+            except ValueError:
+                pass
 
     # ---------------------------------------------------------------- training
 
@@ -466,8 +371,7 @@ class Run:
         if self.step == 0:
             self.perm = self.data_rng.permutation(n)
             self.stats = EpochStats()
-        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-        bar = Progress(n, f"epoch {self.epoch}/{cfg.epochs}", show)
+        bar = self.progress(n, f"epoch {self.epoch}/{cfg.epochs}") if self.progress else None
         check_every = 1 if self.xp is np else 50  # host syncs on the GPU only every so often
         t0 = time.perf_counter()
         pending = []
@@ -482,18 +386,18 @@ class Run:
                     )
                 self.stats.add(b, loss, float(o.recon), float(o.kl))
             pending.clear()
-            bar.update(min(self.step * bs, n), self.stats.loss / max(self.stats.n, 1))
+            if bar:
+                bar.update(min(self.step * bs, n), self.stats.loss / max(self.stats.n, 1))
 
-        step_fn = self.step_fn
+        engine = self.engine
         try:
-            step_fn.open()  # helper threads, BLAS on one thread each, until the epoch ends
             while self.step < n_steps:
                 idx = self.perm[self.step * bs : (self.step + 1) * bs]
-                host = self._batch_work.get("x", (len(idx), self.train_x.shape[1]), model.dtype)  # reused
-                xb = D.to_float_batch(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype, out=host)
+                xb = D.to_float_batch(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype, out=self._buffer(len(idx)))
                 xb = to_device(xb, self.xp)
                 beta = cfg.beta_at((self.epoch - 1) * n_steps + self.step, n_steps)
-                pending.append((len(idx), step_fn._step(xb, beta)))  # loss and gradient, then the update
+                # loss and gradient, then the update; the batch came from checked uint8 images
+                pending.append((len(idx), engine.step(xb, beta, check_input=False)))
                 if len(pending) >= check_every or self.step == n_steps - 1:
                     flush()
                 self.step += 1
@@ -507,13 +411,21 @@ class Run:
                 if interrupted:
                     raise _Interrupted
         finally:
-            step_fn.close()
+            engine.close()  # helper threads stop, BLAS gets its threads back for the evaluation
             self.stats.seconds += time.perf_counter() - t0
-            bar.close()
+            if bar:
+                bar.close()
         s = self.stats
         return {"train_loss": s.loss / s.n, "train_recon": s.recon / s.n, "train_kl": s.kl / s.n,
                 "beta": cfg.beta_at(self.epoch * n_steps - 1, n_steps),  # the KL weight of the epoch's last step
                 "seconds": s.seconds, "examples_per_s": s.n / max(s.seconds, 1e-9)}  # fmt: skip
+
+    def _buffer(self, rows):
+        """The kept host buffer a minibatch of ``rows`` images is converted into."""
+        shape = (rows, self.train_x.shape[1])
+        if self._batch is None or self._batch.shape != shape:
+            self._batch = np.empty(shape, dtype=self.model.dtype)
+        return self._batch
 
     def run(self) -> list:
         """Train to ``cfg.epochs``; returns the per-epoch metrics."""
@@ -522,14 +434,15 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # it, or a folder above it, is a file
             raise OSError(f"cannot create the run folder {self.out} ({exc.strerror or exc})") from None
-        orphans = remove_orphans(self.out, ours=lambda name: name in (CHECKPOINT, METRICS) or name.endswith(".png"))
-        if orphans:
-            self.log(f"removed what a killed write left behind in {self.out}: {', '.join(orphans)}")
+        ours = lambda name: name in (CHECKPOINT, METRICS) or name.endswith(".png")  # noqa: E731
+        stale = remove_stale_temporaries(self.out, ours, before=self.started)
+        if stale:
+            self.log(f"removed what a killed write left behind in {self.out}: {', '.join(stale)}")
         if cfg.resume:
             if (self.out / CHECKPOINT).exists():
                 self.restore()
                 self.log(f"resuming {self.out} at epoch {self.epoch}, step {self.step} "
-                         f"(steps on {self.step_fn.threads} thread{'s' if self.step_fn.threads > 1 else ''})")
+                         f"(steps on {self.engine.threads} thread{'s' if self.engine.threads > 1 else ''})")
                 if self.xp is not np:
                     self.log("note: on the GPU the noise generator restarts from the seed, so the resumed run "
                              "is equivalent but not bitwise identical to an uninterrupted one")  # fmt: skip
@@ -543,8 +456,9 @@ class Run:
             objective += f" after a {cfg.kl_warmup}-epoch warm-up from 0"
         self.log(
             f"training {self.model.n_params:,} parameters "
-            f"({cfg.latent}-d latent, hidden {','.join(map(str, cfg.hidden))}, {cfg.activation}, {cfg.likelihood}) "
-            f"on {len(self.train_x):,} images, {objective}, {backend_name(self.xp)}/{cfg.dtype}, out {self.out}"
+            f"({cfg.latent_dim}-d latent, hidden {','.join(map(str, cfg.hidden))}, {cfg.activation}, {cfg.likelihood}) "
+            f"on {len(self.train_x):,} images, {objective}, {backend_name(self.xp)}/{cfg.dtype}, "
+            f"engine {self.engine.name}, out {self.out}"
         )
         interrupted = []
         previous = signal.getsignal(signal.SIGINT)
@@ -611,7 +525,8 @@ def write_pictures(model, out, test_x, test_y, history, cfg) -> list:
     out = Path(out)
     rng = Generator(cfg.seed, model.xp, stream=STREAM_PICTURES)
     images.save_grid(out / "samples.png", model.sample(100, rng=rng), ncols=10)
-    x = next(batches_of(test_x[:40], model, cfg.binarize, Generator(cfg.seed, np, stream=STREAM_EVAL_DATA), 40))
+    rng_data = Generator(cfg.seed, np, stream=STREAM_EVAL_DATA)
+    x = next(D.float_batches(test_x[:40], cfg.binarize, rng_data, 40, model.dtype, model.xp))
     images.save_reconstructions(out / "reconstructions.png", x, model.reconstruct(x), ncols=10)
     notes = []
     if history:
@@ -627,9 +542,9 @@ def write_pictures(model, out, test_x, test_y, history, cfg) -> list:
     return notes
 
 
-def train(cfg: TrainConfig, log=print) -> list:
-    """Run :class:`Run` for ``cfg``; returns the per-epoch metrics."""
-    run = Run(cfg, log=log)
+def train(cfg: TrainConfig, log=print, progress=None) -> list:
+    """Run :class:`Run` for ``cfg`` (``log`` and ``progress`` as there); returns the per-epoch metrics."""
+    run = Run(cfg, log=log, progress=progress)
     history = run.run()
     notes = run.notes if run.notes is not None else run.pictures()  # none yet if no epoch was left to run
     for note in sorted(set(notes)):

@@ -1,4 +1,7 @@
-"""The CPU/GPU switch: choosing a backend, its errors, host/device copies, the seeded generator, lazy imports."""
+"""The CPU/GPU switch: choosing a backend, its errors, host/device copies, the seeded generator, lazy imports.
+
+The package must import, and train with every engine, with numpy alone.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import scratchvae
 from scratchvae import VAE, BackendError
 from scratchvae.backend import (
     ENV_VAR,
-    Generator,
     backend_name,
     cupy_available,
     device_name,
@@ -25,6 +27,8 @@ from scratchvae.backend import (
     to_device,
     to_numpy,
 )
+
+from scratchvae.rng import Generator
 
 CUPY_OK, CUPY_WHY = cupy_available()
 REPO_ROOT = Path(scratchvae.__file__).resolve().parents[1]
@@ -173,7 +177,7 @@ def test_generator_is_deterministic_per_seed_and_stream(backend, xp, dtype):
 
 
 def test_every_use_of_a_seed_has_a_stream_of_its_own():
-    streams = {name: value for name, value in vars(scratchvae.backend).items() if name.startswith("STREAM_")}
+    streams = {name: value for name, value in vars(scratchvae.rng).items() if name.startswith("STREAM_")}
     assert len(streams) == 8, sorted(streams)
     assert len(set(streams.values())) == len(streams), streams
 
@@ -247,15 +251,19 @@ import numpy as np
 import scratchvae
 from scratchvae.backend import BackendError, get_xp
 
-submodules = sorted(m.name for m in pkgutil.iter_modules(scratchvae.__path__) if m.name != "__main__")
+submodules = sorted(m.name for m in pkgutil.walk_packages(scratchvae.__path__, "scratchvae.") if m.name != "scratchvae.__main__")
 for name in submodules:
-    importlib.import_module("scratchvae." + name)
+    importlib.import_module(name)
 
-# the library works: one training step on the CPU
+# the library works: one training step on the CPU, the textbook one and each engine's
 model = scratchvae.VAE(6, (4,), 2, seed=0)
 opt = scratchvae.Adam(model)
-model.loss_and_grad(np.full((3, 6), 0.5, dtype=np.float32))
+x = np.full((64, 6), 0.5, dtype=np.float32)
+model.loss_and_grad(x)
 opt.step()
+for name in ("reference", "cpu"):
+    with scratchvae.make_engine(name, model, opt, threads=2 if name == "cpu" else None) as engine:
+        engine.step(x)
 auto_is_numpy = get_xp("auto") is np
 try:
     get_xp("cupy")
@@ -300,7 +308,8 @@ def _import_in_subprocess(blocked):
 def test_import_works_with_every_optional_package_blocked():
     out = _import_in_subprocess(OPTIONAL)
     assert out["block_works"]
-    assert {"backend", "layers", "losses", "model", "optim", "gradcheck", "evaluate"} <= set(out["submodules"])
+    expected = {"backend", "layers", "losses", "model", "optim", "gradcheck", "evaluate", "engines.cpu", "engines.reference"}
+    assert {f"scratchvae.{name}" for name in expected} <= set(out["submodules"])
     assert not set(OPTIONAL) & set(out["loaded"])
     assert out["auto_is_numpy"]
     assert "backend 'cupy' needs the cupy package" in out["cupy_error"]
@@ -311,12 +320,15 @@ import importlib, pkgutil, sys
 import numpy as np
 import scratchvae
 
-for m in pkgutil.iter_modules(scratchvae.__path__):
-    if m.name != "__main__":
-        importlib.import_module("scratchvae." + m.name)
+for m in pkgutil.walk_packages(scratchvae.__path__, "scratchvae."):
+    if m.name != "scratchvae.__main__":
+        importlib.import_module(m.name)
 model = scratchvae.VAE(6, (4,), 2, backend="numpy", seed=0)
 model.loss_and_grad(np.full((3, 6), 0.5))
-scratchvae.Adam(model).step()
+opt = scratchvae.Adam(model)
+opt.step()
+with scratchvae.make_engine("auto", model, opt) as engine:
+    engine.step(np.full((3, 6), 0.5))
 print("cupy" in sys.modules)
 """
 

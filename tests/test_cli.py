@@ -67,7 +67,7 @@ def test_sample_writes_a_png(trained, tmp_path):
     target = tmp_path / "s.png"
     proc = cli("sample", out / "checkpoint.npz", "--n", "12", "--out", target)
     assert proc.returncode == 0, proc.stderr
-    from scratchvae.images import read_png
+    from png_reader import read_png
 
     assert read_png(target).shape == (2 * 30 + 2, 10 * 30 + 2)  # 12 samples: 2 rows of 10, 28 px + 2 px padding
 
@@ -88,7 +88,7 @@ def test_help_explains_every_flag():
     assert proc.returncode == 0
     for flag in ("--data-dir", "--epochs", "--batch-size", "--lr", "--hidden", "--latent", "--activation",
                  "--likelihood", "--binarize", "--backend", "--dtype", "--seed", "--out", "--resume",
-                 "--train-size", "--test-size"):  # fmt: skip
+                 "--train-size", "--test-size", "--engine", "--threads"):  # fmt: skip
         assert flag in proc.stdout, flag
 
 
@@ -105,6 +105,7 @@ def test_help_explains_every_flag():
         (["train", "--backend", "tpu"], "--backend"),
         (["train", "--dtype", "float16"], "--dtype"),
         (["train", "--seed", "-3"], "--seed"),
+        (["train", "--engine", "gpu"], "--engine"),
         (["frobnicate"], "frobnicate"),
         ([], "required"),
     ],
@@ -175,7 +176,7 @@ def test_model_and_run_flags_reach_the_checkpoint(tmp_path):
     proc = cli("train", "--epochs", "1", "--train-size", "256", "--test-size", "64", "--hidden", "24,12",
                "--latent", "3", "--batch-size", "50", "--lr", "0.02", "--optimizer", "sgd", "--dtype", "float64",
                "--activation", "tanh", "--likelihood", "gaussian_learned", "--binarize", "static",
-               "--seed", "7", "--backend", "numpy", "--progress", "on", "--out", out)  # fmt: skip
+               "--seed", "7", "--backend", "numpy", "--engine", "reference", "--progress", "on", "--out", out)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     meta = load_checkpoint(out / "checkpoint.npz").meta
     model, run = meta["model"], meta["train"]
@@ -183,10 +184,23 @@ def test_model_and_run_flags_reach_the_checkpoint(tmp_path):
     assert (model["activation"], model["likelihood"], model["dtype"], model["seed"]) == (
         "tanh", "gaussian_learned", "float64", 7)  # fmt: skip
     assert (run["batch_size"], run["lr"], run["optimizer"], run["binarize"]) == (50, 0.02, "sgd", "static")
+    assert run["engine"] == "reference" and meta["step_threads"] == 1 and "engine reference" in proc.stdout
     assert meta["optimizer"]["t"] == 6  # ceil(256 / 50) steps
     assert "epoch 1/1" in proc.stderr  # the progress line, forced on without a terminal
     quiet = cli("train", "--epochs", "1", *SMALL, "--progress", "off", "--out", tmp_path / "q")
     assert quiet.returncode == 0 and "epoch 1/1" not in quiet.stderr
+
+
+def test_engine_flag_chooses_the_step_and_threads_apply_to_the_cpu_engine(tmp_path):
+    from scratchvae.checkpoint import load_checkpoint
+
+    proc = cli("train", "--epochs", "1", *SMALL, "--engine", "cpu", "--threads", "2", "--out", tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    assert "engine cpu" in proc.stdout
+    assert load_checkpoint(tmp_path / "c" / "checkpoint.npz").meta["step_threads"] == 2
+    assert_one_line_error(cli("train", *SMALL, "--engine", "reference", "--threads", "2", "--out", tmp_path / "r"),
+                          "threads", "engine 'cpu'")  # fmt: skip
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 def test_evaluate_and_sample_flags_take_effect(trained, tmp_path):

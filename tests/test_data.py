@@ -1,4 +1,4 @@
-"""MNIST data: the IDX reader and writer, file checks, search order, download, binarization.
+"""MNIST data: the IDX reader (against a writer in tests/idx_writer.py), file checks, search order, download, binarization.
 
 Everything runs offline: downloads use ``file://`` mirrors pointing at the
 repository's own ``data/mnist``, and every search starts from an environment
@@ -16,8 +16,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from idx_writer import format_idx, write_idx
 from scratchvae import data as D
-from scratchvae.backend import Generator, get_xp, to_numpy
+from scratchvae.backend import get_xp, to_numpy
+from scratchvae.rng import Generator
 
 MNIST_DIR = Path(__file__).parents[1] / "data" / "mnist"
 SOURCE_DATA_DIR = D.SOURCE_DATA_DIR  # before any test pins it elsewhere
@@ -51,18 +53,18 @@ def scratch(tmp_path_factory):
 @given(arr=idx_arrays, compress=st.booleans())
 def test_idx_round_trip(arr, compress, scratch):
     path = scratch / ("a.idx.gz" if compress else "a.idx")
-    D.write_idx(path, arr)
+    write_idx(path, arr)
     assert (path.read_bytes()[:2] == b"\x1f\x8b") == compress  # compress defaults to the .gz suffix
     back = D.read_idx(path)
     assert back.dtype == arr.dtype and back.shape == arr.shape
     assert back.tobytes() == arr.tobytes()  # bit for bit, NaNs and -0.0 included
     assert not back.flags.writeable
-    assert D.parse_idx(D.format_idx(arr)).tobytes() == arr.tobytes()
+    assert D.parse_idx(format_idx(arr)).tobytes() == arr.tobytes()
 
 
 def test_idx_layout_is_big_endian_with_the_documented_header():
     arr = np.array([[1, 2, 3], [4, 5, 258]], dtype=np.int16)
-    data = D.format_idx(arr)
+    data = format_idx(arr)
     assert data[:4] == bytes([0, 0, 0x0B, 2])
     assert data[4:12] == (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
     assert data[-2:] == (258).to_bytes(2, "big")
@@ -70,8 +72,8 @@ def test_idx_layout_is_big_endian_with_the_documented_header():
 
 def test_gzip_is_detected_by_content_not_name(tmp_path):
     arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    gz_named_raw = D.write_idx(tmp_path / "raw.gz", arr, compress=False)
-    raw_named_gz = D.write_idx(tmp_path / "gz.idx", arr, compress=True)
+    gz_named_raw = write_idx(tmp_path / "raw.gz", arr, compress=False)
+    raw_named_gz = write_idx(tmp_path / "gz.idx", arr, compress=True)
     assert gz_named_raw.read_bytes()[:2] == b"\0\0"
     for path in (gz_named_raw, raw_named_gz):
         np.testing.assert_array_equal(D.read_idx(path), arr)
@@ -80,10 +82,10 @@ def test_gzip_is_detected_by_content_not_name(tmp_path):
 @pytest.mark.parametrize("dtype", ["int64", "bool", "float16", "complex64"])
 def test_write_idx_rejects_types_idx_cannot_hold(dtype, tmp_path):
     with pytest.raises(ValueError, match="IDX cannot store dtype"):
-        D.write_idx(tmp_path / "x.idx", np.zeros(3, dtype=dtype))
+        write_idx(tmp_path / "x.idx", np.zeros(3, dtype=dtype))
 
 
-GOOD = D.format_idx(np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+GOOD = format_idx(np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,7 @@ def test_missing_file_and_directory_raise_data_error(tmp_path):
 @st.composite
 def mutated_idx(draw):
     """A valid IDX encoding, then a few random byte edits, a cut, or garbage appended."""
-    data = bytearray(D.format_idx(draw(idx_arrays)))
+    data = bytearray(format_idx(draw(idx_arrays)))
     for _ in range(draw(st.integers(0, 4))):
         op = draw(st.sampled_from(["set", "cut", "append", "insert"]))
         if op == "set" and data:
@@ -174,7 +176,7 @@ def test_parse_idx_fuzz_only_decodes_or_raises_data_error(data):
     assert data[:2] == b"\0\0"
     assert arr.ndim == data[3]
     assert 4 + 4 * arr.ndim + arr.nbytes == len(data)
-    assert D.format_idx(arr) == data  # what decodes, encodes back to the same bytes
+    assert format_idx(arr) == data  # what decodes, encodes back to the same bytes
 
 
 @given(data=mutated_idx(), cut=st.integers(0, 40))
@@ -291,7 +293,7 @@ def test_download_moves_past_failing_and_bad_mirrors(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in D.MNIST_FILES:  # right names, wrong contents
-        D.write_idx(bad / name, np.zeros((1, 28, 28), np.uint8))
+        write_idx(bad / name, np.zeros((1, 28, 28), np.uint8))
     dest = tmp_path / "cache" / "mnist"
     mirrors = ("file:///nonexistent/", bad.as_uri(), MNIST_DIR.as_uri() + "/")
     assert D.download_mnist(dest, mirrors=mirrors) == dest
@@ -304,7 +306,7 @@ def test_download_with_only_a_bad_mirror_reports_the_checksum(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     name = next(iter(D.MNIST_FILES))
-    D.write_idx(bad / name, np.zeros((1, 28, 28), np.uint8))
+    write_idx(bad / name, np.zeros((1, 28, 28), np.uint8))
     dest = tmp_path / "dest"
     with pytest.raises(D.DataError) as excinfo:
         D.download_mnist(dest, mirrors=[bad.as_uri()])
@@ -339,9 +341,9 @@ def write_fake_mnist(directory, n_train=5, n_test=3, image_shape=(28, 28), label
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        D.write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, *image_shape), np.uint8))
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, *image_shape), np.uint8))
         lab = rng.integers(0, 10, n, np.uint8) if labels is None else np.full(n, labels, np.uint8)
-        D.write_idx(directory / f"{prefix}-labels-idx1-ubyte", lab)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", lab)
     return directory
 
 
@@ -356,7 +358,7 @@ def test_unverified_load_still_checks_shapes(tmp_path):
         (write_fake_mnist(tmp_path / "labels", labels=10), "label 10"),
     ]
     counts = write_fake_mnist(tmp_path / "counts")
-    D.write_idx(counts / "train-labels-idx1-ubyte", np.zeros(4, np.uint8))
+    write_idx(counts / "train-labels-idx1-ubyte", np.zeros(4, np.uint8))
     cases.append((counts, "5 images but"))
     for directory, fragment in cases:
         with pytest.raises(D.DataError) as excinfo:

@@ -1,4 +1,4 @@
-"""docs/derivation.md cites real code and real tests.
+"""docs/derivation.md cites real code and real tests, and quotes the code as it is.
 
 Every `path::name` citation (and every plain repository path) in backticks must
 resolve: the file exists; a name in a ``scratchvae/`` module is an attribute
@@ -7,11 +7,21 @@ a ``def`` or ``class`` found in its source by :mod:`ast` (without importing or
 running it). Every "Code:" line is followed by a "Test:" line, and every test
 in ``tests/test_identities.py`` is cited, so the document and the tests that
 execute it stay in step.
+
+A line ``Quotes: `path::function``` starts a walk through that function's
+code, up to the next heading: every code span in it that is a Python
+statement (an assignment, a call, a ``return``) must be a line of the
+function, and every line of the function from its ``# forward`` comment on
+must be quoted. Change a line of the step, or of its walk-through, and the
+test says which.
 """
 
 import ast
 import importlib
+import inspect
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -97,7 +107,7 @@ def test_every_identity_test_is_cited():
 def test_checker_reports_broken_citations():
     """The checker itself: real citations pass, and each kind of broken one is reported."""
     text = (
-        "`scratchvae/losses.py::kl_normal_std` `scratchvae/model.py::VAE._loss_and_grad` "
+        "`scratchvae/losses.py::kl_normal_std` `scratchvae/model.py::VAE.loss_and_grad` "
         "`tests/test_identities.py::test_elbo_plus_kl_is_log_marginal` `docs/derivation.md` "
         "`scratchvae/losses.py::kl_normal_sdt` `scratchvae/model.py::VAE.no_such_method` "
         "`tests/test_identities.py::test_no_such_test` `scratchvae/no_such_module.py` "
@@ -106,3 +116,101 @@ def test_checker_reports_broken_citations():
     found = citations(text)
     assert len(found) == 9
     assert [broken(p, n) is not None for p, n in found] == [False] * 4 + [True] * 5
+
+
+# --------------------------------------------------------------------------------------
+# Quoted code is the code.
+# --------------------------------------------------------------------------------------
+
+QUOTES = re.compile(r"^Quotes: `(scratchvae/[\w./]+\.py)::([A-Za-z_][\w.]*)`[ \t]*$", re.M)
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+
+
+def quoted_walks(text):
+    """``(path, name, region)`` for each ``Quotes:`` line: the text from it to the next heading."""
+    walks = []
+    for m in QUOTES.finditer(text):
+        end = text.find("\n#", m.end())
+        walks.append((m[1], m[2], text[m.end() : end if end >= 0 else len(text)]))
+    return walks
+
+
+def is_statement(span):
+    """Whether a code span is one Python statement: an assignment, a call or a ``return`` (not a bare name)."""
+    try:
+        (stmt,) = ast.parse("def _():\n    " + span).body[0].body
+    except (SyntaxError, ValueError):
+        return False
+    if isinstance(stmt, ast.Expr):
+        return isinstance(stmt.value, ast.Call)
+    return isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Return))
+
+
+def code_lines(source):
+    """The lines of a function's source from its ``# forward`` comment on, comments and blank lines removed."""
+    lines = source.splitlines()
+    cut = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            cut[tok.start[0] - 1] = tok.start[1]
+    start = next(i for i, line in enumerate(lines) if line.strip() == "# forward")
+    out = []
+    for i in range(start + 1, len(lines)):
+        line = lines[i][: cut.get(i, len(lines[i]))].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def function_source(path, qualname):
+    obj = importlib.import_module(path[: -len(".py")].replace("/", "."))
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return inspect.getsource(obj)
+
+
+def quote_problems(region, source):
+    """What is wrong between a walk-through ``region`` and the function ``source``: [] when they match."""
+    quoted = [span for span in CODE_SPAN.findall(region) if is_statement(span)]
+    lines = code_lines(source)
+    problems = [f"quoted but not a line of the function: {q!r}" for q in quoted if q not in lines]
+    problems += [f"a line of the function the walk-through does not quote: {line!r}" for line in lines if line not in quoted]
+    return problems
+
+
+WALKS = quoted_walks(DOC_TEXT)
+
+
+def test_sections_10_to_12_walk_through_the_reference_steps():
+    assert [(p, n) for p, n, _ in WALKS] == [
+        ("scratchvae/model.py", "Autoencoder.loss_and_grad"),
+        ("scratchvae/model.py", "VAE.loss_and_grad"),
+        ("scratchvae/objectives.py", "iwae_loss_and_grad"),
+    ]
+
+
+@pytest.mark.parametrize(("path", "name", "region"), WALKS, ids=[f"{p}::{n}" for p, n, _ in WALKS])
+def test_quoted_code_is_the_code_line_for_line(path, name, region):
+    problems = quote_problems(region, function_source(path, name))
+    assert not problems, "\n".join(problems)
+
+
+def test_quote_checker_reports_a_changed_line_either_way():
+    source = """def step(x):
+    x = check(x)
+    # forward
+    y = f(x)  # F1
+    loss = g(y)
+    # backward
+    d_y = g_backward(1.0, y)
+    return loss
+"""
+    walk = "F1 `y = f(x)`, F2 `loss = g(y)`; back: `d_y = g_backward(1.0, y)`, then `return loss`. Names: `y`, `(B, J)`."
+    assert quote_problems(walk, source) == []
+    assert quote_problems(walk.replace("f(x)", "f(2 * x)"), source) == [
+        "quoted but not a line of the function: 'y = f(2 * x)'",
+        "a line of the function the walk-through does not quote: 'y = f(x)'",
+    ]
+    assert quote_problems(walk, source.replace("    return loss", "    d_x = f_backward(d_y)\n    return loss")) == [
+        "a line of the function the walk-through does not quote: 'd_x = f_backward(d_y)'"
+    ]

@@ -26,7 +26,8 @@ from hypothesis.extra.numpy import arrays
 
 from scratchvae import Autoencoder
 from scratchvae import losses as L
-from scratchvae.backend import Generator, to_device, to_numpy
+from scratchvae.backend import to_device, to_numpy
+from scratchvae.rng import Generator
 from scratchvae.evaluate import iwae_bound, log_weights
 from scratchvae.exact import LinearGaussianVAE, expected_log_prior, kl_normal_full, negative_entropy
 

@@ -1,6 +1,7 @@
-"""Tests for scratchvae.images: the hand-written PNG codec, grids, plots and the latent grid.
+"""Tests for scratchvae.images: the hand-written PNG writer, grids, plots and the latent grid.
 
-The PNG writer is checked three ways: a round trip through our own reader,
+The PNG writer is checked three ways: a round trip through the tests' own
+reader (``tests/png_reader.py``),
 an independent parse of the file's chunks with a CRC recomputed here, and,
 where Pillow or matplotlib is installed, a read by that library. The reader's
 row filters are checked against an encoder written here from the PNG
@@ -20,6 +21,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from png_reader import SAMPLES_PER_PIXEL, read_png
 from scratchvae import images as im
 from scratchvae.backend import to_numpy
 
@@ -93,7 +95,7 @@ def filter_rows(rows, types, bpp):
 def test_png_round_trip_grey(tmp_path_factory, image):
     path = tmp_path_factory.mktemp("png") / "grey.png"
     im.write_png(path, image)
-    back = im.read_png(path)
+    back = read_png(path)
     assert back.dtype == np.uint8 and back.shape == image.shape
     np.testing.assert_array_equal(back, image)
 
@@ -102,19 +104,19 @@ def test_png_round_trip_grey(tmp_path_factory, image):
 def test_png_round_trip_rgb(tmp_path_factory, image):
     path = tmp_path_factory.mktemp("png") / "rgb.png"
     im.write_png(path, image)
-    np.testing.assert_array_equal(im.read_png(path), image)
+    np.testing.assert_array_equal(read_png(path), image)
 
 
 @given(hnp.arrays(np.float64, (4, 5), elements=st.floats(0.0, 1.0)))
 def test_float_images_are_scaled_and_rounded(tmp_path_factory, image):
     path = tmp_path_factory.mktemp("png") / "float.png"
     im.write_png(path, image)
-    np.testing.assert_array_equal(im.read_png(path), np.rint(image * 255).astype(np.uint8))
+    np.testing.assert_array_equal(read_png(path), np.rint(image * 255).astype(np.uint8))
 
 
 def test_float_values_outside_unit_interval_are_clipped(tmp_path):
     im.write_png(tmp_path / "c.png", np.array([[-0.5, 0.5, 1.5]]))
-    np.testing.assert_array_equal(im.read_png(tmp_path / "c.png"), [[0, 128, 255]])
+    np.testing.assert_array_equal(read_png(tmp_path / "c.png"), [[0, 128, 255]])
 
 
 @pytest.mark.parametrize("image", [np.arange(12, dtype=np.uint8).reshape(3, 4), np.full((2, 3, 3), 200, np.uint8)])
@@ -140,10 +142,10 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "sub" / "x.png"  # the parent directory is created
     im.write_png(path, np.zeros((2, 2)))
     im.write_png(path, np.ones((3, 3)))  # replaces the old file
-    assert im.read_png(path).shape == (3, 3)
+    assert read_png(path).shape == (3, 3)
     with pytest.raises(ValueError):
         im.write_png(path, np.full((2, 2), np.nan))  # a failed write keeps the old file
-    assert im.read_png(path).shape == (3, 3)
+    assert read_png(path).shape == (3, 3)
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]
 
 
@@ -151,7 +153,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     st.sampled_from([0, 2, 4, 6]).flatmap(
         lambda ct: st.tuples(
             st.just(ct),
-            hnp.arrays(np.uint8, st.tuples(st.integers(1, 6), st.integers(1, 6), st.just(im._SAMPLES_PER_PIXEL[ct]))),
+            hnp.arrays(np.uint8, st.tuples(st.integers(1, 6), st.integers(1, 6), st.just(SAMPLES_PER_PIXEL[ct]))),
         )
     ),
     st.data(),
@@ -166,7 +168,7 @@ def test_reader_undoes_every_filter_type(tmp_path_factory, ct_image, data):
     types = [4] * h if data is None else data.draw(st.lists(st.integers(0, 4), min_size=h, max_size=h))
     path = tmp_path_factory.mktemp("png") / "filtered.png"
     path.write_bytes(png_bytes((w, h, 8, colour_type, 0, 0, 0), filter_rows(image.reshape(h, -1), types, bpp)))
-    back = im.read_png(path)
+    back = read_png(path)
     np.testing.assert_array_equal(back, image[:, :, 0] if bpp == 1 else image)
 
 
@@ -174,7 +176,7 @@ def test_reader_skips_ancillary_chunks(tmp_path):
     text = struct.pack(">I", 4) + b"tEXt" + b"a\x00bc" + struct.pack(">I", binascii.crc32(b"tEXta\x00bc"))
     path = tmp_path / "t.png"
     path.write_bytes(png_bytes((2, 1, 8, 0, 0, 0, 0), b"\x00\x07\x09", extra=[text]))
-    np.testing.assert_array_equal(im.read_png(path), [[7, 9]])
+    np.testing.assert_array_equal(read_png(path), [[7, 9]])
 
 
 def test_png_readable_by_pillow(tmp_path):
@@ -234,7 +236,7 @@ def test_read_png_rejects_bad_files(tmp_path, kind):
     path = tmp_path / "bad.png"
     path.write_bytes(_corrupt(good.read_bytes())[kind])
     with pytest.raises(ValueError):
-        im.read_png(path)
+        read_png(path)
 
 
 # --------------------------------------------------------------------------- grids
@@ -303,7 +305,7 @@ def test_image_grid_rejects_bad_input(images, kwargs):
 def test_save_grid_writes_the_grid(tmp_path):
     images = np.random.default_rng(0).random((6, 784))
     im.save_grid(tmp_path / "g.png", images, ncols=3)
-    np.testing.assert_array_equal(im.read_png(tmp_path / "g.png"), im.image_grid(images, ncols=3))
+    np.testing.assert_array_equal(read_png(tmp_path / "g.png"), im.image_grid(images, ncols=3))
 
 
 @pytest.mark.parametrize("n, ncols", [(20, 10), (13, 5), (3, 10)])
@@ -311,7 +313,7 @@ def test_reconstructions_sit_below_their_originals(tmp_path, n, ncols):
     x = distinct_tiles(n)
     r = distinct_tiles(n) + 100  # reconstruction k is filled with 100 + k
     im.save_reconstructions(tmp_path / "r.png", x.reshape(n, -1), r.reshape(n, -1), ncols=ncols)
-    grid = im.read_png(tmp_path / "r.png")
+    grid = read_png(tmp_path / "r.png")
     cols = min(ncols, n)
     groups = -(-n // cols)
     assert grid.shape == (2 * groups * 30 + 2, cols * 30 + 2)
@@ -355,7 +357,7 @@ def test_plot_curves_numpy_fallback(tmp_path, no_matplotlib):
     how = im.plot_curves(tmp_path / "c.png", series, title="ignored")
     assert how.startswith(im.NUMPY_FALLBACK)
     assert "train=blue" in how and "test=orange" in how and "one=green" in how
-    picture = im.read_png(tmp_path / "c.png")
+    picture = read_png(tmp_path / "c.png")
     assert picture.shape == (480, 640, 3)
     assert (picture[0, 0] == 255).all()  # white background
     for rgb in im.PALETTE[:3]:
@@ -365,7 +367,7 @@ def test_plot_curves_numpy_fallback(tmp_path, no_matplotlib):
 
 def test_plot_curves_fallback_puts_high_values_up_and_late_epochs_right(tmp_path, no_matplotlib):
     im.plot_curves(tmp_path / "c.png", {"loss": [0.0, 10.0]})
-    picture = im.read_png(tmp_path / "c.png")
+    picture = read_png(tmp_path / "c.png")
     rows, cols = np.nonzero((picture == im.PALETTE[0]).all(axis=-1))
     assert rows[cols.argmin()] > rows[cols.argmax()]  # the curve rises to the right
 
@@ -388,7 +390,7 @@ def test_plot_latent_numpy_fallback(tmp_path, no_matplotlib):
     codes, labels = latent_data()
     how = im.plot_latent(tmp_path / "z.png", codes, labels)
     assert how.startswith(im.NUMPY_FALLBACK) and "0=blue" in how and "9=cyan" in how
-    picture = im.read_png(tmp_path / "z.png")
+    picture = read_png(tmp_path / "z.png")
     assert picture.shape == (560, 560, 3)
     for rgb in im.PALETTE:
         assert colour_present(picture, rgb)
@@ -438,7 +440,7 @@ def test_plots_with_matplotlib(tmp_path):
     # matplotlib writes RGBA with Sub/Up/Paeth row filters: a foreign file for our reader
     Image = pytest.importorskip("PIL.Image")  # a matplotlib dependency
     with Image.open(tmp_path / "c.png") as f:
-        np.testing.assert_array_equal(im.read_png(tmp_path / "c.png"), np.asarray(f))
+        np.testing.assert_array_equal(read_png(tmp_path / "c.png"), np.asarray(f))
 
 
 def test_plots_with_matplotlib_leave_pyplot_backend_alone(tmp_path):

@@ -246,10 +246,8 @@ def test_adam_matches_reference(backend, xp, dtype, dtype_rtol, betas, weight_de
         v_hat = v / (1 - b2**t)
         p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
         np.testing.assert_allclose(to_numpy(toy.params), p, rtol=dtype_rtol, atol=dtype_rtol, err_msg=f"step {t}")
-        # the buffers hold M = m / (1 - b1) and V = v / (1 - b2); the properties give m and v back
         np.testing.assert_allclose(to_numpy(opt.m), m, rtol=dtype_rtol, atol=dtype_rtol * abs(m).max())
         np.testing.assert_allclose(to_numpy(opt.v), v, rtol=dtype_rtol, atol=dtype_rtol * abs(v).max())
-        np.testing.assert_allclose(to_numpy(opt.m_sum), m / (1 - b1), rtol=dtype_rtol, atol=dtype_rtol * abs(m).max())
     assert opt.t == 20
 
 
@@ -305,21 +303,19 @@ def test_optimizer_resumes_exactly_from_its_state_dict(backend, xp, dtype, optim
     np.testing.assert_array_equal(resumed, straight)
 
 
-def test_adam_continues_from_textbook_moments(backend, xp, dtype, dtype_rtol):
-    """A state with m and v (as checkpoints of format version 1 hold) continues like the run that wrote it."""
-    straight, resumed, opt2, state = stop_and_resume(
-        xp, dtype, lambda toy: Adam(toy, lr=0.05, betas=(0.8, 0.9)), lambda opt: {"t": opt.t, "m": opt.m, "v": opt.v}
-    )
-    np.testing.assert_allclose(resumed, straight, rtol=dtype_rtol, atol=dtype_rtol)
-    assert opt2.t == 10
-    opt2.m_sum[...] = 0
-    opt2.load_state_dict(state)  # the sums it loaded are the m and v it was given over (1 - beta)
-    np.testing.assert_allclose(to_numpy(opt2.m), to_numpy(state["m"]), rtol=dtype_rtol)
-    np.testing.assert_allclose(to_numpy(opt2.v), to_numpy(state["v"]), rtol=dtype_rtol)
-    before = (opt2.t, to_numpy(opt2.m_sum).copy())
+@pytest.mark.parametrize("optimizer", [Adam, SGD])
+def test_a_state_with_a_missing_entry_changes_nothing(backend, xp, optimizer):
+    toy = Quadratic(xp, "float64")
+    opt = optimizer(toy, lr=0.05)
+    for _ in range(3):
+        toy.loss_and_grad()
+        opt.step()
+    before = {k: (to_numpy(v).copy() if hasattr(v, "shape") else v) for k, v in opt.state_dict().items()}
+    partial = {k: v * 2 for k, v in opt.state_dict().items() if k == "t"}  # the step count alone
     with pytest.raises(KeyError):
-        opt2.load_state_dict({"t": 3, "m_sum": opt2.m_sum * 2})  # half of the new state: nothing taken
-    assert opt2.t == before[0] and np.array_equal(to_numpy(opt2.m_sum), before[1])
+        opt.load_state_dict(partial)
+    for k, v in opt.state_dict().items():
+        np.testing.assert_array_equal(to_numpy(v) if hasattr(v, "shape") else v, before[k])
 
 
 # --------------------------------------------------------------------------------------

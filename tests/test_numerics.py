@@ -1,10 +1,13 @@
-"""Extreme values: the soft log-variance bound keeps every loss and gradient finite, exactly differentiated."""
+"""Extreme values and edge cases: finite losses and gradients, exact stable forms, memory bounds kept."""
 
 import numpy as np
 import pytest
+
 from scratchvae import VAE
 from scratchvae.backend import to_device, to_numpy
+from scratchvae.layers import softplus
 from scratchvae.losses import LOG_VAR_BOUND, bound_log_var
+from scratchvae.model import LIKELIHOODS
 
 
 def test_bound_log_var_is_the_identity_for_ordinary_values_and_bounded_beyond():
@@ -54,11 +57,11 @@ def test_gaussian_nll_with_a_numpy_scalar_log_variance_keeps_float32():
 
     mean, x = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
     assert gaussian_nll(mean, x, np.float64(0.5)).dtype == np.float32
-    assert all(g.dtype == np.float32 for g in gaussian_nll_backward(mean, x, np.float64(0.5), 1.0))
+    assert all(g.dtype == np.float32 for g in gaussian_nll_backward(1.0, mean, x, np.float64(0.5)))
 
 
 def test_iwae_bound_in_chunks_equals_one_chunk():
-    from scratchvae.backend import Generator
+    from scratchvae.rng import Generator
     from scratchvae.evaluate import iwae_bound
 
     model = VAE(16, (8,), 3, dtype="float64", seed=1)
@@ -74,3 +77,41 @@ def test_iwae_bound_refuses_a_bad_k(k):
 
     with pytest.raises(ValueError, match="k must be a positive integer"):
         iwae_bound(VAE(16, (8,), 3), np.zeros((2, 16)), k)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize(("batch", "latent", "decoder_hidden"), [(2, 9, (4,)), (5, 3, (40,)), (1, 30, ()), (7, 2, (3, 3))])
+def test_iwae_bound_holds_no_decoder_array_beyond_max_elements(likelihood, batch, latent, decoder_hidden, monkeypatch):
+    """Chunks of samples never make a decoder array (its input, any layer's output) above ``max_elements``."""
+    from scratchvae.evaluate import iwae_bound
+
+    model = VAE(6, (5,), latent, likelihood, decoder_hidden=decoder_hidden, dtype="float64", seed=0)
+    widest = max(model.decoder.sizes)
+    max_elements = 3 * batch * widest + 1  # three samples fit, four do not
+    seen = []
+    for layer in model.decoder.dense:
+        forward = layer.forward
+
+        def recorded(x, forward=forward):
+            y = forward(x)
+            seen.extend([x.size, y.size])
+            return y
+
+        monkeypatch.setattr(layer, "forward", recorded)
+    x = np.random.default_rng(0).random((batch, 6))
+    bound = iwae_bound(model, x, 10, max_elements=max_elements)
+    assert np.all(np.isfinite(bound))
+    assert max(seen) == 3 * batch * widest  # the widest layer of a three-sample chunk
+
+
+@pytest.mark.parametrize(
+    "x",
+    [0, 3, -3, 2.5, -700.0, 800.0, np.float32(-90.0), np.array(5), np.arange(-3, 4), np.array([-1e4, 0.0, 1e4], np.float32)],
+)
+def test_softplus_is_log_of_one_plus_exp_for_scalars_integers_and_extremes(x):
+    expected = np.logaddexp(0.0, np.asarray(x, dtype=np.float64))
+    got = np.asarray(softplus(x))
+    np.testing.assert_allclose(got.astype(np.float64), expected, rtol=1e-6)
+    assert np.all(got >= 0)
+    if np.asarray(x).dtype == np.float32:
+        assert got.dtype == np.float32

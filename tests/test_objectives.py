@@ -33,13 +33,15 @@ from test_gradients import arrays, assume_regular, build_vae, check_model, pertu
 
 from scratchvae import VAE
 from scratchvae import losses as L
-from scratchvae.backend import Generator, to_device, to_numpy
+from scratchvae.backend import to_device, to_numpy
+from scratchvae.rng import Generator
 from scratchvae.checkpoint import CheckpointError, build_model, load_checkpoint
 from scratchvae.cli import main
 from scratchvae.evaluate import iwae_bound, log_weights
 from scratchvae.model import LIKELIHOODS
 from scratchvae.objectives import iwae_loss_and_grad
-from scratchvae.train import CHECKPOINT, METRICS, Run, TrainConfig, evaluate_elbo
+from scratchvae.evaluate import evaluate_elbo
+from scratchvae.train import CHECKPOINT, METRICS, Run, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +99,7 @@ def mc_kl_gradient(model, x, eps):
     d_log_var = 0.5 * (z * eps * sigma - 1.0) / B
     d_h = xp.concatenate([z / B, L.bound_log_var_backward(d_log_var, log_var, c)], axis=1)
     model.grads[...] = 0
-    model.encoder.backward(d_h, need_input_grad=False)
+    model.encoder.backward(d_h)
     return to_numpy(model.grads).copy()
 
 
@@ -205,8 +207,8 @@ def test_iwae_rejects_bad_k_and_noise_of_the_wrong_shape(backend):
 
 def small_config(tmp_path, name="run", **kw):
     """256 images in batches of 64: 4 steps an epoch."""
-    base = dict(epochs=2, batch_size=64, train_size=256, test_size=64, hidden=(32,), latent=4,
-                out=str(tmp_path / name), progress=False)  # fmt: skip
+    base = dict(epochs=2, batch_size=64, train_size=256, test_size=64, hidden=(32,), latent_dim=4,
+                out=str(tmp_path / name))  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 
@@ -216,20 +218,21 @@ def quiet(*_):
 
 
 def spy_on_steps(run):
-    """Record every training step's ``(params, x, eps, beta, loss, grads)`` of an ELBO run on one thread."""
-    model, calls = run.model, []
-    original = model._loss_and_grad
-    assert run.step_fn.threads == 1  # the whole batch goes through model._loss_and_grad
+    """Record every training step's ``(params, x, eps, beta, loss, grads)`` of a run's engine."""
+    model, engine, calls, drawn = run.model, run.engine, [], []
+    step, normal = engine.step, model.rng.normal
 
-    def step(xb, eps=None, beta=1.0, n_total=None):
-        assert eps is None and n_total is None  # the model draws its noise; draw it here the same way
-        eps = model.rng.normal((xb.shape[0], model.latent_dim), model.dtype)
+    def recorded_normal(shape, dtype):  # the noise the engine draws for its step
+        drawn.append(normal(shape, dtype))
+        return drawn[-1]
+
+    def recorded_step(xb, beta=1.0, **kw):
         params = to_numpy(model.params).copy()
-        out = original(xb, eps, beta)
-        calls.append((params, to_numpy(xb).copy(), to_numpy(eps).copy(), beta, float(out.loss), to_numpy(model.grads).copy()))
+        out = step(xb, beta, **kw)
+        calls.append((params, to_numpy(xb).copy(), to_numpy(drawn[-1]).copy(), beta, float(out.loss), to_numpy(model.grads).copy()))
         return out
 
-    model._loss_and_grad = step
+    model.rng.normal, engine.step = recorded_normal, recorded_step
     return calls
 
 
@@ -273,19 +276,16 @@ def test_beta_scales_the_kl_term_of_the_training_step(tmp_path):
         assert row["train_loss"] == pytest.approx(row["train_recon"] + beta * row["train_kl"], rel=1e-6)
 
 
-def test_iwae_objective_in_the_trainer(tmp_path, monkeypatch):
-    from scratchvae import parallel
+def test_iwae_objective_in_the_trainer(tmp_path):
+    run = Run(small_config(tmp_path, epochs=1, objective="iwae", k=3, threads=1), log=quiet)
+    seen, step = [], run.engine.step
 
-    seen = []
-    original = parallel._iwae_loss_and_grad
-
-    def step(model, xb, k, eps=None, n_total=None):
-        out = original(model, xb, k, eps, n_total)
-        seen.append((k, xb.shape[0], float(out.loss)))
+    def recorded_step(xb, beta=1.0, **kw):
+        out = step(xb, beta, **kw)
+        seen.append((run.engine.k, xb.shape[0], float(out.loss)))
         return out
 
-    monkeypatch.setattr(parallel, "_iwae_loss_and_grad", step)
-    run = Run(small_config(tmp_path, epochs=1, objective="iwae", k=3, threads=1), log=quiet)
+    run.engine.step = recorded_step
     (row,) = run.run()
     assert [s[:2] for s in seen] == [(3, 64)] * 4
     assert row["train_loss"] == pytest.approx(np.mean([s[2] for s in seen]), rel=1e-9)  # the objective optimised
@@ -333,7 +333,7 @@ def test_impossible_objective_settings_are_refused(tmp_path, kw, fragment):
 def test_784_200_200_50_tanh_model_trains(tmp_path, objective):
     """The IWAE paper's one-stochastic-layer architecture: two tanh layers of 200, a 50-d latent, Glorot init."""
     cfg = small_config(tmp_path, epochs=3, batch_size=20, train_size=100, test_size=20, hidden=(200, 200),
-                       latent=50, activation="tanh", init="glorot", binarize="dynamic", **objective)  # fmt: skip
+                       latent_dim=50, activation="tanh", init="glorot", binarize="dynamic", **objective)  # fmt: skip
     run = Run(cfg, log=quiet)
     assert [(d.n_in, d.n_out) for d in run.model.encoder.dense] == [(784, 200), (200, 200), (200, 100)]
     assert [(d.n_in, d.n_out) for d in run.model.decoder.dense] == [(50, 200), (200, 200), (200, 784)]

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from scratchvae import VAE, losses
-from scratchvae.backend import Generator, get_array_module, to_device, to_numpy
+from scratchvae.backend import get_array_module, to_device, to_numpy
+from scratchvae.rng import Generator
 from scratchvae.evaluate import log_weights
 
 N_SAMPLES = 200_000
@@ -130,7 +131,7 @@ def test_importance_weights_average_to_the_elbo(backend, xp):
     eps = Generator(4, xp).normal((n, 4, 3))
     log_w = to_numpy(log_weights(model, x, eps))  # (n, batch)
     # ELBO with the same noise, sample by sample: log p(x|z) - analytic KL
-    mu, log_var = model._encode(x)
+    mu, log_var = model.encode(x)
     z, _ = losses.reparameterize(mu, log_var, eps)
     elbo_samples = to_numpy(model.log_px_given_z(z, x) - losses.kl_normal_std(mu, log_var))
     diff = log_w - elbo_samples  # = log p(z) - log q(z|x) + KL, mean 0

@@ -7,13 +7,14 @@ import pytest
 
 from scratchvae.checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from scratchvae.model import VAE
-from scratchvae import train as T
-from scratchvae.train import CHECKPOINT, METRICS, Run, TrainConfig, evaluate_elbo, evaluate_nll, train
+from scratchvae import evaluate as E
+from scratchvae.evaluate import evaluate_elbo, evaluate_nll
+from scratchvae.train import CHECKPOINT, METRICS, Run, TrainConfig, train
 
 
 def small_config(tmp_path, **kw):
-    base = dict(epochs=2, batch_size=64, train_size=512, test_size=128, hidden=(32,), latent=4,
-                out=str(tmp_path / "run"), progress=False)  # fmt: skip
+    base = dict(epochs=2, batch_size=64, train_size=512, test_size=128, hidden=(32,), latent_dim=4,
+                out=str(tmp_path / "run"))  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 
@@ -42,7 +43,7 @@ def test_short_run_writes_metrics_checkpoint_and_pictures(tmp_path):
 
 
 def test_two_dimensional_latent_adds_manifold_and_latent_pictures(tmp_path):
-    train(small_config(tmp_path, epochs=1, latent=2), log=quiet)
+    train(small_config(tmp_path, epochs=1, latent_dim=2), log=quiet)
     out = tmp_path / "run"
     assert (out / "manifold.png").stat().st_size > 0
     assert (out / "latent.png").stat().st_size > 0
@@ -61,7 +62,8 @@ def test_checkpoint_restores_a_model_that_evaluates_identically(tmp_path):
     assert ckpt.meta["epoch"] == 2 and ckpt.meta["step"] == 0
     assert ckpt.meta["train"]["hidden"] == [32]
     assert ckpt.meta["model"]["latent_dim"] == 4
-    for key in ("opt_m_sum", "opt_v_sum"):
+    assert ckpt.meta["version"] == 3
+    for key in ("opt_m", "opt_v"):
         assert ckpt.arrays[key].shape == model.params.shape
 
 
@@ -70,12 +72,12 @@ def test_evaluations_draw_noise_and_binarization_from_streams_of_their_own(monke
     binarization's stream would depend on the binarized images. Both evaluations binarize alike."""
     made = []
 
-    class Recording(T.Generator):
+    class Recording(E.Generator):
         def __init__(self, seed, xp=np, stream=0):
             super().__init__(seed, xp, stream)
             made.append(stream)
 
-    monkeypatch.setattr(T, "Generator", Recording)
+    monkeypatch.setattr(E, "Generator", Recording)
     model = VAE(784, (16,), 3, seed=0)
     images = np.random.default_rng(0).integers(0, 256, (20, 784), dtype=np.uint8)
     streams = {}
@@ -100,8 +102,10 @@ def test_resume_continues_to_identical_parameters(tmp_path):
     assert [r["train_loss"] for r in second.history] == [r["train_loss"] for r in straight.history]
 
 
-def test_resume_from_a_checkpoint_with_textbook_adam_moments(tmp_path):
-    """Checkpoints of format version 1 store Adam's m and v (opt_m, opt_v): they resume, equal up to rounding."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_resume_from_a_checkpoint_of_an_earlier_format(tmp_path, version):
+    """Formats 1 and 2 name the latent size "latent"; format 2 stores Adam's moments over (1 - beta) as
+    opt_m_sum, opt_v_sum (format 1 as opt_m, opt_v). Both resume, equal to an uninterrupted run up to rounding."""
     straight = Run(small_config(tmp_path, epochs=2, out=str(tmp_path / "a")), log=quiet)
     straight.run()
     first = Run(small_config(tmp_path, epochs=1, out=str(tmp_path / "b")), log=quiet)
@@ -110,11 +114,14 @@ def test_resume_from_a_checkpoint_with_textbook_adam_moments(tmp_path):
     ckpt = load_checkpoint(path)
     b1, b2 = first.opt.beta1, first.opt.beta2
     arrays = {k: v for k, v in ckpt.arrays.items() if not k.startswith("opt_")}
-    arrays.update(opt_m=ckpt.arrays["opt_m_sum"] * (1 - b1), opt_v=ckpt.arrays["opt_v_sum"] * (1 - b2))
-    assert ckpt.meta["version"] == 2
-    meta = {**{k: v for k, v in ckpt.meta.items() if k != "format"}, "version": 1}  # as format version 1 wrote it
+    if version == 2:
+        arrays.update(opt_m_sum=ckpt.arrays["opt_m"] / (1 - b1), opt_v_sum=ckpt.arrays["opt_v"] / (1 - b2))
+    else:
+        arrays.update(opt_m=ckpt.arrays["opt_m"], opt_v=ckpt.arrays["opt_v"])
+    train_cfg = {("latent" if k == "latent_dim" else k): v for k, v in ckpt.meta["train"].items()}
+    meta = {**{k: v for k, v in ckpt.meta.items() if k != "format"}, "version": version, "train": train_cfg}
     save_checkpoint(path, ckpt.params, meta, arrays)
-    assert load_checkpoint(path).meta["version"] == 1
+    assert load_checkpoint(path).meta["version"] == version
     second = Run(small_config(tmp_path, epochs=2, out=str(tmp_path / "b"), resume=True), log=quiet)
     second.run()
     np.testing.assert_allclose(second.model.params, straight.model.params, rtol=1e-4, atol=1e-5)

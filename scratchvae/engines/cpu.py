@@ -1,4 +1,4 @@
-r"""One training step (loss, gradient, optimiser update) split over CPU threads by rows of the batch.
+r"""The ``cpu`` engine: a NumPy training step in kept buffers, split over CPU threads by rows of the batch.
 
 The loss is a mean over the batch, so it splits exactly over any partition of
 the rows :math:`R_1, \dots, R_n`:
@@ -8,32 +8,26 @@ the rows :math:`R_1, \dots, R_n`:
     L_r = \frac1B\sum_{b\in R_r}\ell_b,\qquad
     \nabla_\theta L = \sum_{r=1}^n \nabla_\theta L_r
 
-Thread ``r`` runs the ordinary forward and backward pass on rows ``R_r`` with a
-replica of the model: the same parameter buffer, its own gradient buffer and
-work buffers (:meth:`VAE._replica <scratchvae.model._Model._replica>`), and
+Thread ``r`` runs the fused forward and backward pass of
+:mod:`scratchvae.engines.fused` on rows ``R_r`` (its *lane*: its own kept
+buffers and gradient buffer; the parameters are the model's, shared) and
 writes :math:`\nabla_\theta L_r`. When every thread is done (one barrier),
 thread ``r`` adds the ``n`` gradient buffers over the ``r``-th slice of the
-flat parameter vector and lets the optimiser update that slice. No two
-threads write the same memory, and the result depends on the split but not
-on timing: a run with the same thread count is reproducible bit for bit.
+flat parameter vector and applies the optimiser's update to that slice. No
+two threads write the same memory, and the result depends on the split but
+not on timing: a run with the same thread count is reproducible bit for bit.
 
 NumPy releases the GIL inside matrix products and ufuncs, so the threads
 compute at the same time. Meanwhile BLAS is held to one thread per caller:
 the threads already use the cores, and a multi-threaded BLAS would
-oversubscribe them (its idle workers also keep spinning on the cores for a
-while after each product).
-
-Why not leave the parallelism to BLAS? At small batches a step is not only
-matrix products: the loss, activations and the optimiser's passes over the
-whole parameter vector run on one core. Split by rows, all of it runs on
-every core. (``benchmarks/NOTES.md`` has the measurements.)
+oversubscribe them (``benchmarks/NOTES.md``, items 6 and 8).
 
 >>> import numpy as np, scratchvae as sv
 >>> model = sv.VAE(784, seed=0)
 >>> opt = sv.Adam(model)
 >>> x = np.random.default_rng(0).random((128, 784), dtype=np.float32)
->>> with sv.ParallelStep(model, opt, threads=2) as step:
-...     out = step(x)            # loss and gradient of the whole batch, then opt's update
+>>> with sv.make_engine("cpu", model, opt, threads=2) as engine:
+...     out = engine.step(x)      # loss and gradient of the whole batch, then opt's update
 """
 
 from __future__ import annotations
@@ -42,41 +36,33 @@ import threading
 
 import numpy as np
 
-from .backend import blas_threads, cpu_count, limit_blas_threads, set_blas_threads_here
-from .evaluate import check_k, check_positive_int
-from .model import Loss, check_beta
-from .objectives import _iwae_loss_and_grad
+from ..layers import Activation
+from ..model import Loss
+from ..optim import SGD, Adam
+from ..validate import check_positive_int
+from .blas import blas_threads, cpu_count, limit_blas_threads, set_blas_threads_here
+from .fused import ACTIVATIONS_IN_PLACE, Lane, adam_update, chunks, sgd_update
+from .reference import check_engine_arguments, check_step_beta
 
-MIN_ROWS = 32  # with fewer rows per thread, splitting costs more than it gains (benchmarks/NOTES.md)
+MIN_ROWS = 32  # with fewer rows per thread, splitting costs more than it gains (benchmarks/NOTES.md, item 8)
 MAX_DEFAULT_THREADS = 8  # each thread beyond the first keeps a gradient buffer as large as the model
-OBJECTIVES = ("elbo", "iwae")
+UPDATES = {Adam: adam_update, SGD: sgd_update}
 
 
-def default_threads(model) -> int:
-    """Threads a step of ``model`` uses by default: the CPUs available (at most 8) on NumPy, 1 on the GPU.
+def default_threads() -> int:
+    """Threads a step uses by default: the CPUs available, at most 8.
 
-    Also 1 where NumPy's BLAS thread count cannot be controlled
-    (:func:`~scratchvae.backend.blas_threads` is ``None``), since a
+    1 where NumPy's BLAS thread count cannot be controlled
+    (:func:`~scratchvae.engines.blas.blas_threads` is ``None``), since a
     multi-threaded BLAS in every thread would oversubscribe the cores.
     """
-    if model.xp is not np or blas_threads() is None:
+    if blas_threads() is None:
         return 1
     return min(cpu_count(), MAX_DEFAULT_THREADS)
 
 
-def step_threads(model, threads=None) -> int:
-    """Threads :class:`ParallelStep` ``(model, ..., threads=threads)`` would use: at most this many split a batch.
-
-    ``threads=None`` means :func:`default_threads`; any positive count is
-    accepted, and on the GPU the answer is always 1 (the device is the
-    parallelism). Nothing is started.
-    """
-    threads = check_positive_int(default_threads(model) if threads is None else threads, "threads")
-    return 1 if model.xp is not np else threads
-
-
-class _Helper:
-    """A thread that runs the tasks :class:`ParallelStep` hands it, one at a time.
+class Helper:
+    """A thread that runs the tasks :class:`CPUEngine` hands it, one at a time.
 
     Hand-overs are numbered: :meth:`wait` returns once the last task handed
     over has finished, however often an exception (Ctrl-C) interrupted
@@ -112,6 +98,7 @@ class _Helper:
                 self.cond.notify_all()
 
     def run(self, task):
+        """Hand ``task`` (a function of no arguments) to the thread."""
         with self.cond:
             self.task, self.error = task, None
             self.handed += 1
@@ -127,73 +114,82 @@ class _Helper:
             return error
 
     def stop(self):
+        """End the thread (after its current task) and wait for it."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
         self.thread.join()
 
 
-class ParallelStep:
-    r"""A training step of ``model`` with ``optimizer``, split over ``threads`` threads.
+class CPUEngine:
+    r"""Training steps of a NumPy ``model`` with ``optimizer``, each split over up to ``threads`` threads.
 
     ``step(x)`` computes the loss and gradient of the whole batch ``x`` (the
     gradient ends up in ``model.grads``, as after ``model.loss_and_grad(x)``)
-    and then applies one ``optimizer`` update. The numbers are the serial
-    ones up to rounding (the sums over rows are added in another order).
+    and then applies one update of ``optimizer``. The numbers are the
+    reference step's up to rounding (the sums over rows are added in
+    another order, and the passes are fused).
 
     Parameters
     ----------
-    model : VAE
+    model : VAE or Autoencoder
+        On NumPy.
     optimizer : Adam or SGD
         Built on ``model``.
+    objective : {"elbo", "iwae"}
+        The VAE's negative ELBO with the analytic KL (weighted by ``beta`` at
+        each step), or the IWAE bound with ``k`` samples; an autoencoder
+        takes ``"elbo"``, meaning its own squared error.
+    k : int
+        Importance samples for ``objective="iwae"``.
     threads : int, optional
         Default :func:`default_threads`. A batch is split over at most
         ``rows // min_rows`` threads (``rows`` = batch, times ``k`` for
-        IWAE); with one, the step is the serial one.
-    objective : {"elbo", "iwae"}
-        Negative ELBO with the analytic KL (weighted by ``beta`` at each
-        call), or the IWAE bound with ``k`` samples.
-    k : int
-        Importance samples for ``objective="iwae"``.
+        IWAE); with one, no thread is started.
     min_rows : int
         Fewest rows per thread.
 
-    Use it as a context manager (or call :meth:`close`): while it is open,
-    ``threads - 1`` helper threads wait for work and NumPy's BLAS runs on one
-    thread per caller (where its thread count can be set: see
-    :func:`~scratchvae.backend.blas_threads`); closing restores both. A call
-    outside ``with`` opens it. If a step is interrupted (an exception, Ctrl-C
-    in the calling thread), it still waits for its helpers to finish before
-    the exception goes on, so no thread writes the parameters afterwards.
+    While open (a ``with`` block, or from the first step until
+    :meth:`close`), ``threads - 1`` helper threads wait for work and NumPy's
+    BLAS runs on one thread per caller (where its thread count can be set:
+    see :func:`~scratchvae.engines.blas.blas_threads`); closing restores
+    both, and a later step opens it again. If a step is interrupted (an
+    exception, Ctrl-C in the calling thread), it still waits for its helpers
+    to finish before the exception goes on, so no thread writes the
+    parameters afterwards.
     """
 
-    def __init__(self, model, optimizer, threads=None, objective="elbo", k=1, min_rows=MIN_ROWS):
-        if optimizer.params is not model.params:
-            raise ValueError("optimizer must be built on model (its params are another buffer)")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        self.k = check_k(k)
-        if objective == "elbo" and self.k != 1:
-            raise ValueError(f"objective 'elbo' uses one sample per example; k={k} needs objective 'iwae'")
-        self.threads = step_threads(model, threads)
-        min_rows = check_positive_int(min_rows, "min_rows")
-        self.model, self.optimizer, self.objective = model, optimizer, objective
-        self.min_rows = min_rows
-        self.replicas = [model]  # one per part of a batch, made when first needed
-        self._helpers = []
+    name = "cpu"
+
+    def __init__(self, model, optimizer, *, objective="elbo", k=1, threads=None, min_rows=MIN_ROWS):
+        if model.xp is not np:
+            raise ValueError("engine 'cpu' runs NumPy models, and this one lives on the GPU: use engine 'reference'")
+        self.objective, self.k, self.autoencoder = check_engine_arguments(model, optimizer, objective, k)
+        if type(optimizer) not in UPDATES:
+            raise ValueError(f"engine 'cpu' updates with Adam or SGD, not {type(optimizer).__name__}")
+        layers = [*model.encoder.layers, *model.decoder.layers, getattr(model, "out_act", None)]
+        missing = {layer.name for layer in layers if isinstance(layer, Activation)} - set(ACTIVATIONS_IN_PLACE)
+        if missing:
+            raise ValueError(f"engine 'cpu' has no in-place form of {sorted(missing)}; use engine 'reference'")
+        self.threads = check_positive_int(default_threads() if threads is None else threads, "threads")
+        self.min_rows = check_positive_int(min_rows, "min_rows")
+        self.model, self.optimizer, self.update = model, optimizer, UPDATES[type(optimizer)]
+        self.lanes = [Lane(model, model.grads)]  # one per part of a batch, made when first needed
+        self.update_buffer = np.empty_like(model.params)
+        self.helpers = []
         self._blas = None  # the open limit_blas_threads context
         self._barriers = {}
 
     # ---------------------------------------------------------------- opening and closing
 
     def open(self):
-        """Start the helper threads and hold BLAS to one thread per caller (done by the first call too)."""
+        """Start the helper threads and hold BLAS to one thread per caller (done by the first step too)."""
         if self._blas is None and self.threads > 1:
             self._blas = limit_blas_threads(1)
             self._blas.__enter__()
             try:
                 for r in range(1, self.threads):
-                    self._helpers.append(_Helper(f"scratchvae-step-{r}"))
+                    self.helpers.append(Helper(f"scratchvae-step-{r}"))
             except BaseException:
                 self.close()
                 raise
@@ -201,9 +197,9 @@ class ParallelStep:
 
     def close(self):
         """Stop the helper threads and restore BLAS's thread count."""
-        for helper in self._helpers:
+        for helper in self.helpers:
             helper.stop()
-        self._helpers = []
+        self.helpers = []
         if self._blas is not None:
             blas, self._blas = self._blas, None
             blas.__exit__(None, None, None)
@@ -214,7 +210,7 @@ class ParallelStep:
     def __exit__(self, *exc):
         self.close()
 
-    def __del__(self):  # a step dropped while open still stops its threads and restores BLAS
+    def __del__(self):  # an engine dropped while open still stops its threads and restores BLAS
         try:
             self.close()
         except Exception:  # interpreter shutdown: threads and modules may be gone already
@@ -227,38 +223,46 @@ class ParallelStep:
         rows = int(batch) * self.k
         return max(1, min(self.threads, rows // self.min_rows, int(batch)))
 
-    def __call__(self, x, beta=1.0) -> Loss:
+    def step(self, x, beta=1.0, *, check_input=True) -> Loss:
         """Loss and gradient of the batch ``x`` ``(batch, input_dim)``, then one optimiser update.
 
-        ``x`` is checked as by :meth:`VAE.loss_and_grad
-        <scratchvae.model.VAE.loss_and_grad>`; ``beta`` weighs the KL (ELBO
-        objective only). Returns the :class:`~scratchvae.model.Loss` of the
-        whole batch (before the update).
+        ``x`` is checked as by ``model.loss_and_grad`` unless
+        ``check_input=False`` (for data checked once beforehand: it must then
+        be a float array of the model's dtype). ``beta`` weighs the KL (the
+        VAE's ELBO only). Returns the :class:`~scratchvae.model.Loss` of the
+        whole batch, before the update.
         """
         model = self.model
-        return self._step(model.check_input(x, bounded=model.likelihood == "bernoulli"), check_beta(beta))
-
-    def _loss_and_grad(self, replica, x, eps, beta, n_total):
-        if self.objective == "iwae":
-            return _iwae_loss_and_grad(replica, x, self.k, eps, n_total)
-        return replica._loss_and_grad(x, eps, beta, n_total)
-
-    def _step(self, x, beta=1.0) -> Loss:
-        """:meth:`__call__` without input checks (``x`` on the model's device, in its dtype)."""
-        model, opt = self.model, self.optimizer
+        x = model.check_input(x) if check_input else x
+        beta = check_step_beta(beta, weighed=not self.autoencoder and self.objective == "elbo")
         B = x.shape[0]
         n = self.n_parts(B)
+        eps = None
+        if not self.autoencoder:  # the draw the reference step makes
+            shape = (B, model.latent_dim) if self.objective == "elbo" else (self.k, B, model.latent_dim)
+            eps = model.rng.normal(shape, model.dtype)
         if n == 1:
-            loss = self._loss_and_grad(model, x, None, beta, None)
-            opt.step()
+            loss = self._loss_and_grad(self.lanes[0], x, eps, beta, B)
+            self.optimizer.t += 1
+            for chunk in chunks(slice(0, model.params.size)):  # one thread updates everything: in cache-sized chunks
+                self.update(self.optimizer, chunk, self.update_buffer)
             return loss
+        return self._split_step(x, eps, beta, n)
+
+    def _loss_and_grad(self, lane, x, eps, beta, n_total) -> Loss:
+        if self.autoencoder:
+            return lane.squared_error(x, n_total)
+        if self.objective == "iwae":
+            return lane.iwae(x, eps, self.k, n_total)
+        return lane.elbo(x, eps, beta, n_total)
+
+    def _split_step(self, x, eps, beta, n) -> Loss:
+        model, opt = self.model, self.optimizer
         self.open()
-        while len(self.replicas) < n:
-            self.replicas.append(model._replica())
-        eps_shape = (B, model.latent_dim) if self.objective == "elbo" else (self.k, B, model.latent_dim)
-        eps = model.rng.normal(eps_shape, model.dtype)  # the draw the serial step makes
+        while len(self.lanes) < n:
+            self.lanes.append(Lane(model, np.zeros_like(model.grads)))
+        B, P = x.shape[0], model.params.size
         rows = [slice(r * B // n, (r + 1) * B // n) for r in range(n)]
-        P = model.params.size
         parts = [slice(r * P // n, (r + 1) * P // n) for r in range(n)]
         barrier = self._barriers.get(n) or self._barriers.setdefault(n, threading.Barrier(n))
         losses = [None] * n
@@ -266,21 +270,21 @@ class ParallelStep:
 
         def work(r):
             try:
-                e = eps[rows[r]] if self.objective == "elbo" else eps[:, rows[r]]
-                losses[r] = self._loss_and_grad(self.replicas[r], x[rows[r]], e, beta, B)
-                barrier.wait()  # every replica's gradient is written
+                e = None if eps is None else eps[rows[r]] if self.objective == "elbo" else eps[:, rows[r]]
+                losses[r] = self._loss_and_grad(self.lanes[r], x[rows[r]], e, beta, B)
+                barrier.wait()  # every lane's gradient is written
                 updated.append(r)
-                g = model.grads[parts[r]]  # replica 0 is the model: its buffer takes the sum
-                for replica in self.replicas[1:n]:
-                    g += replica.grads[parts[r]]
-                opt.update(parts[r])
+                g = model.grads[parts[r]]  # lane 0 writes the model's buffer: it takes the sum
+                for lane in self.lanes[1:n]:
+                    g += lane.grads[parts[r]]
+                self.update(opt, parts[r], self.update_buffer)  # a slice of a few cores' share: not in chunks
             except BaseException:
                 barrier.abort()  # nobody waits forever for a thread that failed
                 raise
 
-        for helper in self._helpers:  # normally idle; after an interrupted step, let its last task finish first
+        for helper in self.helpers:  # normally idle; after an interrupted step, let its last task finish first
             helper.wait()
-        helpers = self._helpers[: n - 1]
+        helpers = self.helpers[: n - 1]
         err = np.geterr()  # the caller's floating-point error handling, for the helpers too
 
         def helper_work(r):

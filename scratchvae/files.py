@@ -1,0 +1,67 @@
+"""Atomic file writes (checkpoints, metrics, pictures) and the clean-up of what a killed write leaves."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+
+# <name>.<pid>.<random>.tmp, as atomic_write names its temporary files
+TEMPORARY = re.compile(r"(?P<name>.+)\.[1-9][0-9]{0,9}\.[0-9a-f]{8}\.tmp")
+
+
+def atomic_write(path, write, fsync: bool = False) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    A reader never sees a half-written file, and an error (or a kill) leaves
+    any old file in place; a failed write removes its temporary file.
+    Missing parent directories are created. ``fsync=True`` flushes the data
+    to disk before the rename, so the new file survives a power cut too.
+    The temporary file is ``<name>.<pid>.<random>.tmp`` and gets the usual
+    umask permissions (``tempfile.mkstemp`` would make it owner-only).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f"{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def remove_stale_temporaries(directory, names, before: float) -> list:
+    """Delete the temporary files of :func:`atomic_write` for ``names`` in ``directory`` last written before ``before``.
+
+    A kill in the middle of :func:`atomic_write` leaves its
+    ``<name>.<pid>.<random>.tmp`` behind, while ``<name>`` still holds its last
+    complete version. A run calls this once as it starts, with ``before`` its
+    start time (``time.time()``): every temporary file it writes itself is
+    newer, so only what earlier runs left goes. (A run still writing into the
+    same folder at that moment would lose its temporary file and see its
+    write fail; the folder belongs to one run at a time.) ``names`` is a
+    predicate on ``<name>``; files that cannot be deleted are skipped.
+    Returns the names of the deleted files, sorted.
+    """
+    removed = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        match = TEMPORARY.fullmatch(entry.name)
+        if match is None or not names(match["name"]):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime >= before:
+                continue
+            os.unlink(entry.path)
+        except OSError:  # gone already, or not ours to delete
+            continue
+        removed.append(entry.name)
+    return removed
