@@ -41,7 +41,7 @@ from . import losses as L
 from .backend import get_xp, to_device
 from .layers import MLP, bind_flat, make_activation, sigmoid
 from .rng import STREAM_INIT, STREAM_NOISE, Generator
-from .validate import as_dtype, as_sizes, check_batch, check_beta
+from .validate import as_dtype, as_sizes, check_batch, check_beta, check_eps
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 
@@ -52,14 +52,6 @@ class Loss(NamedTuple):
     loss: object
     recon: object
     kl: object
-
-
-def check_eps(eps, shape, xp, dtype):
-    """Reparameterization noise ``eps`` on the device ``xp`` in ``dtype``, checked to have ``shape``."""
-    eps = to_device(eps, xp, dtype=dtype)
-    if eps.shape != tuple(shape):
-        raise ValueError(f"eps must have shape {tuple(shape)}, got {tuple(eps.shape)}")
-    return eps
 
 
 class _Model:

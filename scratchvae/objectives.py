@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 
 from . import losses as L
-from .model import Loss, check_eps
-from .validate import check_k
+from .model import Loss
+from .validate import check_eps, check_k
 
 
 def iwae_loss_and_grad(model, x, k, eps=None) -> Loss:

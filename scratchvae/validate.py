@@ -126,3 +126,11 @@ def check_number(name: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return value
+
+
+def check_eps(eps, shape, xp, dtype):
+    """Reparameterization noise ``eps`` on the device ``xp`` in ``dtype``, checked to have ``shape``."""
+    eps = to_device(eps, xp, dtype=dtype)
+    if eps.shape != tuple(shape):
+        raise ValueError(f"eps must have shape {tuple(shape)}, got {tuple(eps.shape)}")
+    return eps

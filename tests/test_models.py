@@ -199,6 +199,18 @@ def test_initialisation_is_he_for_relu_and_glorot_otherwise_with_zero_biases(bac
     assert np.abs(to_numpy(tanh_model.encoder.dense[0].W)).max() <= math.sqrt(6 / (784 + 400))
 
 
+def test_fan_in_uniform_draws_weights_and_biases_from_plus_minus_one_over_root_fan_in(backend):
+    """torch.nn.Linear's default: W and b uniform on (-1/sqrt(n_in), 1/sqrt(n_in)), mean 0, std bound / sqrt(3)."""
+    model = VAE(784, (400,), 20, init="fan_in_uniform", backend=backend, dtype="float64", seed=0)
+    for layer in all_dense(model):
+        bound = 1 / math.sqrt(layer.n_in)
+        for a in (to_numpy(layer.W), to_numpy(layer.b)):
+            assert np.abs(a).max() <= bound
+            assert abs(a.mean()) < 5 * bound / math.sqrt(3 * a.size)
+            if a.size >= 400:
+                assert a.std() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+
+
 # --------------------------------------------------------------------------------------
 # Optimisers against step-by-step references.
 # --------------------------------------------------------------------------------------
@@ -445,6 +457,8 @@ def test_gaussian_vae_accepts_values_outside_unit_interval(backend, problem):
     model = small_vae(backend, "float64", "gaussian")
     x, _ = OUT_OF_RANGE[problem]
     assert np.isfinite(float(model.loss_and_grad(x).loss))
+    autoencoder = Autoencoder(D, (6,), 2, output="identity", backend=backend, dtype="float64")
+    assert np.isfinite(float(autoencoder.loss_and_grad(x).loss))
 
 
 @pytest.mark.parametrize("method", ["loss_and_grad", "elbo"])
@@ -476,7 +490,30 @@ BAD_CONSTRUCTORS = {
     "zero input_dim": (dict(input_dim=0), "input_dim and latent_dim must be positive"),
     "zero latent_dim": (dict(latent_dim=0), "input_dim and latent_dim must be positive"),
     "non-finite gaussian_log_var": (dict(gaussian_log_var=float("nan")), "gaussian_log_var must be finite"),
+    "zero log_var_bound": (dict(log_var_bound=0.0), "log_var_bound must be a positive number or None"),
+    "negative log_var_bound": (dict(log_var_bound=-2.0), "log_var_bound must be a positive number or None"),
+    "infinite log_var_bound": (dict(log_var_bound=float("inf")), "log_var_bound must be a positive number or None"),
 }
+
+
+def test_the_constructors_defaults_are_the_documented_ones():
+    """784-400-20, Bernoulli, ReLU, mirrored decoder, unit Gaussian variance, bound 30, float32, seed 0."""
+    assert VAE(784, backend="numpy").config() == {
+        "model": "VAE", "input_dim": 784, "hidden": [400], "latent_dim": 20, "likelihood": "bernoulli",
+        "activation": "relu", "decoder_hidden": [400], "gaussian_log_var": 0.0, "log_var_bound": 30.0,
+        "init": "auto", "dtype": "float32", "seed": 0,
+    }  # fmt: skip
+    assert Autoencoder(784, backend="numpy").config() == {
+        "model": "Autoencoder", "input_dim": 784, "hidden": [400], "latent_dim": 20, "activation": "relu",
+        "output": "sigmoid", "init": "auto", "dtype": "float32", "seed": 0,
+    }  # fmt: skip
+
+
+def test_small_log_var_bounds_and_one_sample_are_accepted(backend, xp):
+    model = small_vae(backend, log_var_bound=0.5)
+    assert model.log_var_bound == 0.5
+    assert np.isfinite(float(model.loss_and_grad(data(xp, "float64")).loss))
+    assert model.sample(1).shape == (1, 12)
 
 
 @pytest.mark.parametrize("problem", list(BAD_CONSTRUCTORS))
@@ -516,6 +553,8 @@ def test_optimizers_reject_bad_learning_rates(backend, optimizer, lr):
         (SGD, dict(momentum=-0.1), "momentum must be in"),
         (SGD, dict(weight_decay=-1.0), "weight_decay must be >= 0"),
         (Adam, dict(betas=(1.0, 0.999)), "betas must be in"),
+        (Adam, dict(betas=(-0.1, 0.999)), "betas must be in"),
+        (Adam, dict(betas=(0.9, 1.0)), "betas must be in"),
         (Adam, dict(betas=(0.9, -0.1)), "betas must be in"),
         (Adam, dict(eps=0.0), "eps must be positive"),
         (Adam, dict(weight_decay=-1.0), "weight_decay must be >= 0"),
@@ -551,3 +590,11 @@ def test_he_init_means_he_for_hidden_layers_whatever_the_activation():
     auto = VAE(400, (300,), 4, activation="tanh", init="auto", dtype="float64")
     assert np.std(he.encoder.dense[0].W) == pytest.approx(np.sqrt(2 / 400), rel=0.03)  # He normal
     assert np.abs(auto.encoder.dense[0].W).max() <= np.sqrt(6 / 700)  # Glorot uniform for tanh
+
+
+def test_optimizers_defaults_and_edge_values():
+    model = small_vae("numpy")
+    adam, sgd = Adam(model), SGD(model)
+    assert (adam.lr, adam.beta1, adam.beta2, adam.eps, adam.weight_decay) == (1e-3, 0.9, 0.999, 1e-8, 0.0)
+    assert (sgd.lr, sgd.momentum, sgd.weight_decay) == (0.01, 0.9, 0.0)
+    assert (Adam(model, betas=(0.0, 0.0)).beta1, SGD(model, momentum=0.0).momentum) == (0.0, 0.0)  # the closed ends

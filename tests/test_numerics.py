@@ -102,6 +102,9 @@ def test_iwae_bound_holds_no_decoder_array_beyond_max_elements(likelihood, batch
     bound = iwae_bound(model, x, 10, max_elements=max_elements)
     assert np.all(np.isfinite(bound))
     assert max(seen) == 3 * batch * widest  # the widest layer of a three-sample chunk
+    seen.clear()
+    iwae_bound(model, x, 10, max_elements=batch * widest - 1)  # not even one sample fits: one at a time
+    assert max(seen) == batch * widest
 
 
 @pytest.mark.parametrize(
@@ -115,3 +118,22 @@ def test_softplus_is_log_of_one_plus_exp_for_scalars_integers_and_extremes(x):
     assert np.all(got >= 0)
     if np.asarray(x).dtype == np.float32:
         assert got.dtype == np.float32
+
+
+def test_each_log_density_integrates_to_one_and_the_kl_has_its_textbook_values():
+    """The normalising constants, checked without the module's own log(2 pi): a density integrates to 1."""
+    from scratchvae import losses as L
+
+    grid, dz = np.linspace(-12.0, 12.0, 240_001, retstep=True)
+    x = grid[:, None]  # 240001 one-dimensional examples
+    mean, log_var = 0.3, 0.4
+    for log_density in (
+        -L.gaussian_nll(np.full_like(x, mean), x, log_var),  # N(x; 0.3, e^0.4)
+        L.log_normal(x, mean, log_var),
+        L.log_standard_normal(x),  # N(z; 0, 1)
+        L.log_q_reparameterized(np.full_like(x, log_var), (x - mean) / np.exp(0.5 * log_var)),  # q(z) in z
+    ):
+        assert np.exp(log_density).sum() * dz == pytest.approx(1.0, abs=1e-9)
+    # KL(N(mu, s^2) || N(0, 1)) = (mu^2 + s^2 - 1 - log s^2) / 2
+    kl = L.kl_normal_std(np.array([[1.0, 0.0, 0.5]]), np.array([[0.0, np.log(2.0), -1.0]]))
+    assert kl == pytest.approx([0.5 + 0.5 * (2.0 - 1.0 - np.log(2.0)) + 0.5 * (0.25 + np.exp(-1.0) - 1.0 + 1.0)])

@@ -227,3 +227,58 @@ def test_init_choice_reaches_the_model_and_its_checkpoint(tmp_path, init):
     assert (np.abs(first.b).max() > 0) == (init == "fan_in_uniform")
     run.run()
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT).meta["model"]["init"] == init
+
+
+def test_evaluate_elbo_is_the_mean_over_examples_of_the_models_own_loss_parts():
+    """Recomputed by hand with the same two streams, over batches of 8, 8, 8 and a short one of 1."""
+    from scratchvae.data import to_float_batch
+    from scratchvae.rng import STREAM_EVAL_DATA, STREAM_EVAL_ELBO, Generator
+
+    model = VAE(784, (16,), 3, dtype="float64", seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (25, 784), dtype=np.uint8)
+    got = evaluate_elbo(model, images, "dynamic", seed=4, batch_size=8)
+    rng_data, rng_eps = Generator(4, np, STREAM_EVAL_DATA), Generator(4, np, STREAM_EVAL_ELBO)
+    recon, kl = [], []
+    for start in range(0, 25, 8):
+        x = to_float_batch(images[start : start + 8], "dynamic", rng_data, np.float64)
+        r, k = model.loss_parts(x, rng_eps.normal((len(x), 3), np.float64))
+        recon.append(r)
+        kl.append(k)
+    recon, kl = np.concatenate(recon), np.concatenate(kl)
+    assert got == pytest.approx({"loss": (recon + kl).mean(), "recon": recon.mean(), "kl": kl.mean()}, rel=1e-12)
+
+
+def test_evaluate_nll_is_the_mean_and_standard_error_of_the_bound_and_reports_progress():
+    from scratchvae.data import to_float_batch
+    from scratchvae.evaluate import iwae_bound
+    from scratchvae.rng import STREAM_EVAL_DATA, STREAM_EVAL_IWAE, Generator
+
+    model = VAE(784, (16,), 3, dtype="float64", seed=0)
+    images = np.random.default_rng(1).integers(0, 256, (7, 784), dtype=np.uint8)
+    seen = []
+    nll, se = evaluate_nll(model, images, "none", seed=2, k=4, batch_size=3, progress=lambda *a: seen.append(a))
+    assert seen == [(3, 7), (6, 7), (7, 7)]
+    rng_data, rng_eps = Generator(2, np, STREAM_EVAL_DATA), Generator(2, np, STREAM_EVAL_IWAE)
+    bounds = np.concatenate([
+        iwae_bound(model, to_float_batch(images[s : s + 3], "none", rng_data, np.float64), 4, rng=rng_eps)
+        for s in range(0, 7, 3)
+    ])  # fmt: skip
+    assert nll == pytest.approx(-bounds.mean(), rel=1e-12)
+    assert se == pytest.approx(bounds.std(ddof=1) / np.sqrt(7), rel=1e-12)
+    one, one_se = evaluate_nll(model, images[:1], "none", seed=2, k=4)
+    assert np.isfinite(one) and np.isnan(one_se)  # one example has no spread to report
+    two = evaluate_nll(model, images[:2], "none", seed=2, k=4)[1]
+    assert np.isfinite(two) and two > 0
+
+
+def test_the_evaluations_default_settings():
+    """The numbers the documentation gives: K = 5000 in batches of 100 for the NLL, batches of 1000 for the ELBO."""
+    import inspect
+
+    from scratchvae.evaluate import iwae_bound
+
+    defaults = {f.__name__: {k: p.default for k, p in inspect.signature(f).parameters.items()}
+                for f in (iwae_bound, evaluate_elbo, evaluate_nll)}  # fmt: skip
+    assert (defaults["iwae_bound"]["k"], defaults["iwae_bound"]["max_elements"]) == (5000, 1 << 23)
+    assert defaults["evaluate_elbo"]["batch_size"] == 1000
+    assert (defaults["evaluate_nll"]["k"], defaults["evaluate_nll"]["batch_size"]) == (5000, 100)
