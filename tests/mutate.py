@@ -91,7 +91,7 @@ def run_tests(tree: Path, timeout: float) -> tuple[str, str]:
     """``("killed", test)`` or ``("survived", "")`` (``("timeout", "")`` counts as killed)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "HYPOTHESIS_PROFILE": "ci", "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
-           "--no-header", "-rN", *TESTS]  # fmt: skip
+           "--no-header", "-rf", *TESTS]  # fmt: skip
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
