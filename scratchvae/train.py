@@ -270,7 +270,7 @@ class Run:
         self.history = []
         self.notes = None  # how the last pictures were rendered (see write_pictures)
         self._batch = None  # the host float buffer each minibatch is converted into, kept across steps
-        self.engine  # an engine that cannot run this model says so now, before anything is written
+        _ = self.engine  # an engine that cannot run this model says so now, before anything is written
 
     @property
     def engine(self):

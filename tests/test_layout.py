@@ -96,7 +96,7 @@ def test_no_code_in_the_package_is_there_for_the_tests_only():
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
                 exported |= {ast.literal_eval(e) for e in node.value.elts}
     unused = []
-    for path, text in package_text.items():
+    for path in package_text:
         for name, line in defined_names(path):
             if is_private(name) or name in exported:
                 continue
