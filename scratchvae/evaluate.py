@@ -31,7 +31,7 @@ from .rng import STREAM_EVAL_DATA, STREAM_EVAL_ELBO, STREAM_EVAL_IWAE, Generator
 from .validate import check_k, check_positive_int
 
 
-def log_weights(model, x, eps):
+def log_weights(model, x, eps, posterior=None):
     r"""Log importance weights :math:`\log w_k = \log p(x|z_k) + \log p(z_k) - \log q(z_k|x)`.
 
     Parameters
@@ -40,12 +40,15 @@ def log_weights(model, x, eps):
     x : array ``(batch, D)``
     eps : array ``(k, batch, J)``
         Standard normal noise; :math:`z_k = \mu + \sigma\epsilon_k`.
+    posterior : ``(mu, log_var)``, optional
+        ``model.encode(x)``, when the caller has it already (one chunk of
+        samples after another encodes ``x`` once).
 
     Returns
     -------
     array ``(k, batch)``
     """
-    mu, log_var = model.encode(x)
+    mu, log_var = model.encode(x) if posterior is None else posterior
     z, _ = L.reparameterize(mu, log_var, eps)
     log_q = L.log_q_reparameterized(log_var, eps)
     return model.log_px_given_z(z, x) + L.log_standard_normal(z) - log_q
@@ -76,10 +79,11 @@ def iwae_bound(model, x, k=5000, *, rng=None, max_elements=1 << 23):
     rng = model.rng if rng is None else rng
     B, J = x.shape[0], model.latent_dim
     chunk = max(1, min(k, max_elements // (B * max(model.decoder.sizes))))
+    posterior = model.encode(x)  # the same q(z|x) for every chunk of samples
     acc = xp.full((B,), -xp.inf, dtype="float64")  # running log sum_k w_k
     for start in range(0, k, chunk):
         n = min(chunk, k - start)
-        lw = log_weights(model, x, rng.normal((n, B, J), model.dtype)).astype("float64")
+        lw = log_weights(model, x, rng.normal((n, B, J), model.dtype), posterior).astype("float64")
         top = lw.max(axis=0)
         lse = top + xp.log(xp.exp(lw - top).sum(axis=0))
         acc = xp.logaddexp(acc, lse)
