@@ -30,8 +30,36 @@ VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 
 
+EXPECTED = "the checkpoint.npz that scratchvae train writes"
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt or does not fit (one sentence why)."""
+
+
+_MAGIC = {  # the first bytes of files often given by mistake, and what they are
+    b"\x93NUMPY": "a single NumPy array (.npy)",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x1f\x8b": "a gzip file",
+    b"%PDF": "a PDF document",
+    b"\x80": "a file of Python objects",
+    b"\x00\x00\x08": "an IDX data file",
+}
+
+
+def _kind_of(head: bytes) -> str:
+    """What a file that starts with ``head`` is, in words, as far as its first bytes tell."""
+    if not head:
+        return "empty"
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "not an .npz archive"
 
 
 class Checkpoint(NamedTuple):
@@ -83,23 +111,39 @@ def load_checkpoint(path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     try:
-        z = np.load(path, allow_pickle=False)
-        if isinstance(z, np.ndarray):  # a lone .npy array, not an .npz archive
-            raise CheckpointError(f"{path} holds a single array, not a scratchvae checkpoint")
-        with z:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
+    if not head.startswith(b"PK"):  # every .npz archive is a zip file, and every zip file starts so
+        raise CheckpointError(f"{path} is {_kind_of(head)}, not a scratchvae checkpoint (expected {EXPECTED})")
+    try:
+        with np.load(path, allow_pickle=False) as z:
             data = {name: z[name] for name in z.files}
-    except CheckpointError:
-        raise
     except OSError as exc:
         if exc.errno is None:  # e.g. bzip2's "Invalid data stream": damaged bytes, not an unreadable file
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
         raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        if "pickle" in str(exc):  # numpy refuses object arrays; they are never loaded
+            raise CheckpointError(
+                f"{path} holds Python objects, which scratchvae never loads, so it is not a scratchvae checkpoint "
+                f"(expected {EXPECTED})"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     except Exception as exc:
         # Damaged bytes make zipfile and numpy raise many kinds of exception: BadZipFile, EOFError,
-        # ValueError (also for object arrays, which are never unpickled), NotImplementedError (an
-        # unknown compression method or zip version), RuntimeError (an "encrypted" flag), zlib and
-        # lzma errors, MemoryError (a header announcing a huge array). Each means the same here.
+        # ValueError, NotImplementedError (an unknown compression method or zip version), RuntimeError
+        # (an "encrypted" flag), zlib and lzma errors, MemoryError (a header announcing a huge array).
+        # Each means the same here.
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    missing = [key for key in ("params", "meta.json") if key not in data]
+    if len(missing) == 2:
+        names = ", ".join(sorted(data)[:5]) + (", ..." if len(data) > 5 else "")
+        raise CheckpointError(
+            f"{path} is an .npz archive of other arrays ({names or 'none'}), not a scratchvae checkpoint "
+            f"(expected {EXPECTED})"
+        )
     for key in ("params", "meta.json"):
         if key not in data:
             raise CheckpointError(f"checkpoint {path} is incomplete: it has no {key!r} entry")

@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_DIVERGED = 2, 1
 
 
 class UsageError(Exception):
@@ -25,6 +27,10 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --epoch is not --epochs: a typo is an error, not a guess
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, status 2 (argparse would print the usage too)
         # argparse quotes what it was given: a value with a line break must not break the line
         raise UsageError("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
@@ -56,10 +62,11 @@ nonnegative_float = _number_type(float, 0.0, False, "a number >= 0")
 
 
 def layer_sizes(text):
+    """``"400"`` -> ``(400,)``, ``"200,200"`` -> ``(200, 200)``; an empty part (``"400,,200"``) is an error."""
     try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+        sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 400 or 200,200, got {text!r}") from None
+        sizes = ()
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 400 or 200,200, got {text!r}")
     return sizes
@@ -133,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="floating-point type (default float32)")
     t.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random stream of the run (default 0)")
     t.add_argument("--out", default="runs/mnist", help="run folder for metrics, checkpoint and pictures (default runs/mnist)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run, deleting its checkpoint, metrics and pictures "
+                        "(without it, such a folder is refused)")  # fmt: skip
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (give the same flags as the first run); "
                         "on the CPU the result is bitwise identical to an uninterrupted run (it keeps the "
@@ -171,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw z ~ N(0, I), decode, and write the means as a PNG grid.")  # fmt: skip
     s.add_argument("checkpoint", help="a checkpoint.npz written by train")
     s.add_argument("--n", type=positive_int, default=100, help="number of samples (default 100)")
-    s.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
+    s.add_argument("--out", default="samples.png", help="PNG file to write, ending in .png (default samples.png)")
     s.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the prior samples (default 0)")
     s.add_argument("--backend", choices=BACKENDS, default=None, help="numpy, cupy or auto")
     return p
@@ -233,15 +243,19 @@ def progress_factory(flag):
 
 
 def cmd_train(args) -> int:
+    from .engines.blas import cpu_count
     from .train import TrainConfig, train
 
+    if args.threads is not None and args.threads > cpu_count():
+        raise UsageError(f"--threads {args.threads} is more than the {cpu_count()} CPUs this process may use; "
+                         f"give at most {cpu_count()}")  # fmt: skip
     cfg = TrainConfig(
         data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, hidden=tuple(args.hidden), latent_dim=args.latent_dim, activation=args.activation,
         init=args.init,
         likelihood=args.likelihood, binarize=args.binarize, objective=args.objective, k=args.k, beta=args.beta,
         kl_warmup=args.kl_warmup, backend=args.backend, dtype=args.dtype,
-        seed=args.seed, out=args.out, resume=args.resume, train_size=args.train_size,
+        seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite, train_size=args.train_size,
         test_size=args.test_size, checkpoint_every=args.checkpoint_every, engine=args.engine, threads=args.threads,
     )  # fmt: skip
     history = train(cfg, progress=progress_factory(args.progress))
@@ -312,6 +326,8 @@ def cmd_sample(args) -> int:
     from . import images
     from .rng import STREAM_SAMPLE, Generator
 
+    if Path(args.out).suffix.lower() != ".png":
+        raise UsageError(f"--out {args.out} must end in .png: sample writes a PNG picture grid")
     _, model = _load(args.checkpoint, args.backend)
     x = model.sample(args.n, rng=Generator(args.seed, model.xp, stream=STREAM_SAMPLE))
     images.save_grid(args.out, x, ncols=min(args.n, 10))
@@ -322,12 +338,53 @@ def cmd_sample(args) -> int:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
 
 
+def resume_command(argv) -> str:
+    """The command line that continues an interrupted ``train argv``: ``--resume`` instead of ``--overwrite``."""
+    prog = "python -m scratchvae" if Path(sys.argv[0]).name == "__main__.py" else "scratchvae"
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join([*prog.split(), *args])
+
+
+class Signalled(BaseException):
+    """SIGTERM (or SIGINT) outside a training loop: the process stops quietly with ``128 + signum``."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise :class:`Signalled` (a run's training loop sets its own handlers meanwhile)."""
+
+    def stop(signum, frame):
+        raise Signalled(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(signum, stop)
+        except ValueError:  # not the main thread
+            return
+
+
 def main(argv=None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 diverged, 2 bad input, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 1 diverged, 2 bad input, 128 + signal number when interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        stop_on_signals()
+        return _main(argv)
+    except (Signalled, KeyboardInterrupt) as exc:  # before or after training: nothing to save
+        signum = exc.signum if isinstance(exc, Signalled) else signal.SIGINT
+        print(f"scratchvae: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+
+
+def _main(argv) -> int:
     from .backend import BackendError
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .train import TrainingDiverged
+    from .train import Interrupted, TrainingDiverged
 
     try:
         args = build_parser().parse_args(argv)
@@ -341,10 +398,10 @@ def main(argv=None) -> int:
     except TrainingDiverged as exc:
         print(f"scratchvae: error: training diverged: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except KeyboardInterrupt as exc:
-        msg = str(exc) or "interrupted"
-        print(f"scratchvae: {msg}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"scratchvae: {name}: {exc}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

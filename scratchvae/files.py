@@ -65,3 +65,62 @@ def remove_stale_temporaries(directory, names, before: float) -> list:
             continue
         removed.append(entry.name)
     return removed
+
+
+class FolderBusy(OSError):
+    """Another live process holds the folder's lock (the message names its pid)."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder for as long as a process works in it (a context manager).
+
+    The lock is an OS file lock on ``<folder>/.lock`` (``fcntl.flock`` on
+    POSIX, ``msvcrt.locking`` on Windows), taken without waiting: a second
+    taker gets :class:`FolderBusy` naming the holder's pid, which the holder
+    writes into the file. The OS releases the lock when its holder exits,
+    however it exits, so a lock left by a dead process never blocks. The
+    file itself stays (deleting it would let two processes lock two
+    different files of the same name).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder, what="folder"):
+        self.path = os.path.join(os.fspath(folder), self.NAME)
+        self.what = what
+        self._file = None
+
+    def __enter__(self):
+        f = open(self.path, "a+")
+        try:
+            _lock(f)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise FolderBusy(f"{os.path.dirname(self.path)} is in use by another {self.what} (pid {holder})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            self._file.close()  # closing releases the lock
+            self._file = None
+        return False
+
+
+def _lock(f) -> None:
+    """Lock the open file ``f`` exclusively without waiting; ``OSError`` if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

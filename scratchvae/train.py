@@ -15,6 +15,7 @@ data order, so a resumed run continues exactly where the first one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,7 +32,7 @@ from .backend import backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, optimizer_state, restore_model, save_checkpoint
 from .engines import ENGINES, engine_name, make_engine
 from .evaluate import evaluate_elbo
-from .files import atomic_write, remove_stale_temporaries
+from .files import FolderLock, atomic_write, remove_stale_temporaries
 from .model import VAE
 from .optim import OPTIMIZERS
 from .rng import STREAM_DATA, STREAM_EVAL_DATA, STREAM_PICTURES, Generator
@@ -41,8 +42,27 @@ CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
 
 
+PICTURES = ("samples.png", "reconstructions.png", "loss.png", "manifold.png", "latent.png")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the message names the epoch and step."""
+
+
+class RunFolderUsed(ValueError):
+    """``out`` already holds a run, and neither ``resume`` nor ``overwrite`` was asked for."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after saving it.
+
+    ``signum`` is the signal, ``epoch`` and ``step`` the position saved in
+    ``checkpoint`` (the path), from which ``resume`` continues exactly.
+    """
+
+    def __init__(self, signum: int, epoch: int, step: int, checkpoint):
+        super().__init__(f"interrupted at epoch {epoch}, step {step}; checkpoint saved to {checkpoint}")
+        self.signum, self.epoch, self.step, self.checkpoint = signum, epoch, step, checkpoint
 
 
 @dataclass
@@ -93,6 +113,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/mnist"
     resume: bool = False
+    overwrite: bool = False  # start over in an ``out`` that holds a run (its files are deleted)
     train_size: int | None = None
     test_size: int | None = None
     checkpoint_every: int = 0  # also save every N steps inside an epoch (0: only at epoch ends)
@@ -125,6 +146,9 @@ class TrainConfig:
             raise ValueError(f"unknown binarize {self.binarize!r}; choose one of {', '.join(D.BINARIZE)}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
+                             "--overwrite deletes it and starts over")
         check_int_range("seed", self.seed, 0)
         check_int_range("checkpoint_every", self.checkpoint_every, 0)
         check_int_range("kl_warmup", self.kl_warmup, 0)
@@ -238,6 +262,47 @@ def prepare_mnist(cfg: TrainConfig):
 
 class _Interrupted(Exception):
     pass
+
+
+def describe_run(out: Path) -> str | None:
+    """What run ``out`` holds, in words (``"1 of 10 epochs done, checkpoint at epoch 2, step 17"``), or None if none."""
+    metrics, checkpoint = out / METRICS, out / CHECKPOINT
+    try:
+        done = len(metrics.read_text(encoding="utf-8", errors="replace").splitlines())
+    except OSError:
+        done = 0
+    if not done and not checkpoint.exists():
+        return None
+    try:
+        meta = load_checkpoint(checkpoint).meta
+        epoch, step, total = int(meta["epoch"]), int(meta["step"]), int(meta["train"]["epochs"])
+    except (CheckpointError, KeyError, TypeError, ValueError, OverflowError):
+        unreadable = f", and a {CHECKPOINT} that cannot be read" if checkpoint.exists() else ""
+        return f"{done} epoch{'s' if done != 1 else ''} in {METRICS}{unreadable}"
+    said = f"{epoch - 1} of {total} epochs done"
+    return said + (f", checkpoint at epoch {epoch}, step {step}" if step else "")
+
+
+@contextlib.contextmanager
+def _signals_set_flag():
+    """While inside, SIGINT and SIGTERM append their number to the yielded list instead of stopping the process.
+
+    The trainer checks the list at every step boundary, saves, and raises
+    :class:`Interrupted`. Outside the main thread (where handlers cannot be
+    set) the signals keep their handlers.
+    """
+    signalled = []
+    previous = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda num, frame: signalled.append(num))
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield signalled
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class Run:
@@ -428,16 +493,33 @@ class Run:
         return self._batch
 
     def run(self) -> list:
-        """Train to ``cfg.epochs``; returns the per-epoch metrics."""
-        cfg = self.cfg
+        """Train to ``cfg.epochs`` holding the run folder's lock; returns the per-epoch metrics.
+
+        Raises :class:`RunFolderUsed` if ``out`` holds a run and neither
+        ``resume`` nor ``overwrite`` is set, :class:`~scratchvae.files.FolderBusy`
+        if another process trains there now, and :class:`Interrupted` after
+        saving, when SIGINT or SIGTERM arrives (at the next step boundary).
+        """
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # it, or a folder above it, is a file
             raise OSError(f"cannot create the run folder {self.out} ({exc.strerror or exc})") from None
+        with FolderLock(self.out, "training run"):
+            self._start()
+            with _signals_set_flag() as signalled:
+                self._train(signalled)
+                if self.notes is None:  # no epoch was left to run: the pictures of the model as it is
+                    self.notes = self.pictures()
+        return self.history
+
+    def _start(self) -> None:
+        """Clean up after killed writes, then restore (``resume``), refuse a used folder, or clear it (``overwrite``)."""
+        cfg = self.cfg
         ours = lambda name: name in (CHECKPOINT, METRICS) or name.endswith(".png")  # noqa: E731
         stale = remove_stale_temporaries(self.out, ours, before=self.started)
         if stale:
             self.log(f"removed what a killed write left behind in {self.out}: {', '.join(stale)}")
+        used = describe_run(self.out)
         if cfg.resume:
             if (self.out / CHECKPOINT).exists():
                 self.restore()
@@ -448,9 +530,20 @@ class Run:
                              "is equivalent but not bitwise identical to an uninterrupted one")  # fmt: skip
             else:
                 self.log(f"no checkpoint in {self.out}; starting a new run")
-        elif (self.out / CHECKPOINT).exists():
-            self.log(f"note: {self.out / CHECKPOINT} exists and will be overwritten (use --resume to continue it)")
+        elif used and not cfg.overwrite:
+            raise RunFolderUsed(
+                f"{self.out} already holds a run ({used}); continue it with --resume, start over with --overwrite "
+                "(which deletes it), or choose another --out"
+            )
+        elif used:
+            for name in (CHECKPOINT, METRICS, *PICTURES):
+                (self.out / name).unlink(missing_ok=True)
+            self.log(f"overwriting the run in {self.out} ({used})")
         self._write_metrics()
+
+    def _train(self, signalled) -> None:
+        """The epochs left: train, evaluate, save, pictures; stops with :class:`Interrupted` when ``signalled``."""
+        cfg = self.cfg
         objective = f"iwae k={cfg.k}" if cfg.objective == "iwae" else f"elbo beta={cfg.beta}"
         if cfg.kl_warmup:
             objective += f" after a {cfg.kl_warmup}-epoch warm-up from 0"
@@ -460,53 +553,37 @@ class Run:
             f"on {len(self.train_x):,} images, {objective}, {backend_name(self.xp)}/{cfg.dtype}, "
             f"engine {self.engine.name}, out {self.out}"
         )
-        interrupted = []
-        previous = signal.getsignal(signal.SIGINT)
-
-        def on_sigint(signum, frame):
-            interrupted.append(True)
-
-        try:
-            signal.signal(signal.SIGINT, on_sigint)
-        except ValueError:  # not the main thread
-            previous = None
-        try:
-            while self.epoch <= cfg.epochs:
-                try:
-                    # Overflow shows up as a non-finite loss, reported with its epoch and step.
-                    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                        metrics = self.train_epoch(lambda: bool(interrupted))
-                except _Interrupted:
-                    if self.step >= -(-len(self.train_x) // cfg.batch_size):  # stopped after the last step
-                        self.save()
-                    raise KeyboardInterrupt(
-                        f"interrupted at epoch {self.epoch}, step {self.step}; checkpoint saved to "
-                        f"{self.out / CHECKPOINT}; resume with the same command plus --resume"
-                    ) from None
+        while self.epoch <= cfg.epochs:
+            if signalled:  # arrived while the last epoch was evaluated and saved
+                raise Interrupted(signalled[0], self.epoch, self.step, self.out / CHECKPOINT)
+            try:
+                # Overflow shows up as a non-finite loss, reported with its epoch and step.
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    test = evaluate_elbo(self.model, self.test_x, cfg.binarize, cfg.seed)
-                if not math.isfinite(test["loss"]):  # the last update broke the model: keep the last checkpoint
-                    raise TrainingDiverged(
-                        f"test loss became {test['loss']} at the end of epoch {self.epoch}, step {self.step}; "
-                        f"try a smaller --lr (now {cfg.lr}); the last good checkpoint is kept"
-                    )
-                row = {"epoch": self.epoch, **metrics, "test_loss": test["loss"],
-                       "recon": test["recon"], "kl": test["kl"]}  # fmt: skip
-                self.history.append(row)
-                self.log(
-                    f"epoch {self.epoch:3d}/{cfg.epochs}  train {row['train_loss']:8.3f}  "
-                    f"test {row['test_loss']:8.3f} (recon {row['recon']:7.3f} + kl {row['kl']:6.3f})  "
-                    f"{row['seconds']:6.1f} s  {row['examples_per_s']:8.0f} ex/s"
+                    metrics = self.train_epoch(lambda: bool(signalled))
+            except _Interrupted:
+                if self.step >= -(-len(self.train_x) // cfg.batch_size):  # stopped after the last step
+                    self.save()
+                raise Interrupted(signalled[0], self.epoch, self.step, self.out / CHECKPOINT) from None
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                test = evaluate_elbo(self.model, self.test_x, cfg.binarize, cfg.seed)
+            if not math.isfinite(test["loss"]):  # the last update broke the model: keep the last checkpoint
+                raise TrainingDiverged(
+                    f"test loss became {test['loss']} at the end of epoch {self.epoch}, step {self.step}; "
+                    f"try a smaller --lr (now {cfg.lr}); the last good checkpoint is kept"
                 )
-                self.epoch, self.step, self.perm = self.epoch + 1, 0, None
-                self.stats = EpochStats()
-                self.save()
-                self._write_metrics()
-                self.notes = self.pictures()
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        return self.history
+            row = {"epoch": self.epoch, **metrics, "test_loss": test["loss"],
+                   "recon": test["recon"], "kl": test["kl"]}  # fmt: skip
+            self.history.append(row)
+            self.log(
+                f"epoch {self.epoch:3d}/{cfg.epochs}  train {row['train_loss']:8.3f}  "
+                f"test {row['test_loss']:8.3f} (recon {row['recon']:7.3f} + kl {row['kl']:6.3f})  "
+                f"{row['seconds']:6.1f} s  {row['examples_per_s']:8.0f} ex/s"
+            )
+            self.epoch, self.step, self.perm = self.epoch + 1, 0, None
+            self.stats = EpochStats()
+            self.save()
+            self._write_metrics()
+            self.notes = self.pictures()
 
     def _write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history (so a resumed run never duplicates an epoch)."""
@@ -546,8 +623,7 @@ def train(cfg: TrainConfig, log=print, progress=None) -> list:
     """Run :class:`Run` for ``cfg`` (``log`` and ``progress`` as there); returns the per-epoch metrics."""
     run = Run(cfg, log=log, progress=progress)
     history = run.run()
-    notes = run.notes if run.notes is not None else run.pictures()  # none yet if no epoch was left to run
-    for note in sorted(set(notes)):
+    for note in sorted(set(run.notes)):
         if note and not note.startswith("matplotlib"):
             log(f"plots rendered with {note}")
     return history

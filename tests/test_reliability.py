@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from scratchvae import train as T
-from scratchvae.files import atomic_write, remove_stale_temporaries
+from scratchvae.files import FolderLock, atomic_write, remove_stale_temporaries
 from scratchvae.checkpoint import VERSION, CheckpointError, load_checkpoint, restore_model, save_checkpoint
 from scratchvae.cli import UsageError, build_parser, cmd_train, main
 from scratchvae.model import VAE
@@ -323,33 +324,38 @@ def test_sigkill_during_checkpoint_writes_leaves_one_complete_version(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# 3. SIGINT in the middle of an epoch.
+# 3. SIGINT or SIGTERM in the middle of an epoch.
 # ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_sigint_mid_epoch_saves_says_how_to_resume_and_resumes_exactly(reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_epoch_saves_prints_the_resume_command_and_resumes_exactly(signum, reference, tmp_path):
     out = tmp_path / "run"
     proc = start_train(out, "--checkpoint-every", 16)
     wait_for(lambda: (out / T.CHECKPOINT).exists(), proc)  # step 16 is checkpointed: training is under way
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    line = assert_one_line(stderr, start="scratchvae: interrupted")
+    assert proc.returncode == 128 + signum, stderr
+    line = assert_one_line(stderr, start=f"scratchvae: {signal.Signals(signum).name}: interrupted")
     match = re.fullmatch(
-        r"scratchvae: interrupted at epoch (\d+), step (\d+); checkpoint saved to (.+); "
-        r"resume with the same command plus --resume",
+        r"scratchvae: SIG(INT|TERM): interrupted at epoch (\d+), step (\d+); checkpoint saved to (.+); "
+        r"resume with: (.+)",
         line,
     )
     assert match, line
-    epoch, step = int(match[1]), int(match[2])
-    assert Path(match[3]) == out / T.CHECKPOINT
+    epoch, step = int(match[2]), int(match[3])
+    assert Path(match[4]) == out / T.CHECKPOINT
     assert (checkpoint_meta(out)["epoch"], checkpoint_meta(out)["step"]) == (epoch, step)
     assert (epoch, step) > (1, 16) and 0 < step <= N_STEPS  # inside an epoch, after the first checkpoint
 
-    status, stdout, stderr = run_train(out, "--checkpoint-every", 16, "--resume")
-    assert status == 0, stderr
-    assert f"resuming {out} at epoch {epoch}, step {step}" in stdout
+    command = shlex.split(match[5])  # the exact command: the first one's flags, plus --resume
+    assert command[:3] == ["python", "-m", "scratchvae"]
+    assert command[3:] == ["train", *FLAGS, "--out", str(out), "--checkpoint-every", "16", "--resume"]
+    proc = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=out.parent,
+                          env=cli_env(), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming {out} at epoch {epoch}, step {step}" in proc.stdout
     assert_same_as_reference(out, reference)
 
 
@@ -488,6 +494,23 @@ def test_a_batch_larger_than_the_training_set_is_one_step_per_epoch(capsys, tmp_
     assert ckpt.meta["optimizer"]["t"] == 2  # one update per epoch, on all 512 images
 
 
+def test_flags_that_used_to_be_guessed_are_refused(reference, capsys, tmp_path):
+    from scratchvae.engines.blas import cpu_count
+
+    out = tmp_path / "run"
+    for argv, fragment in [
+        (["train", *SMALL, "--hidden", "400,,200"], "got '400,,200'"),  # not read as 400,200
+        (["train", *SMALL, "--threads", cpu_count() + 1], f"more than the {cpu_count()} CPUs"),
+        (["train", *SMALL, "--epoch", 3], "unrecognized arguments: --epoch 3"),  # no abbreviation of --epochs
+        (["train", *SMALL, "--resume", "--overwrite"], "exclude each other"),
+        (["sample", reference["checkpoint"], "--out", tmp_path / "s.jpg"], "must end in .png"),
+    ]:
+        if argv[0] == "train":
+            argv = [*argv, "--out", out]
+        assert fragment in main_error(capsys, *argv)
+    assert not out.exists() and not (tmp_path / "s.jpg").exists()
+
+
 def test_data_dir_that_is_a_file(capsys, tmp_path):
     (tmp_path / "mnist.gz").write_bytes(b"")
     line = main_error(capsys, "train", *SMALL, "--data-dir", tmp_path / "mnist.gz", "--out", tmp_path / "r")
@@ -531,6 +554,10 @@ def wrong_format_file(kind, tmp_path, reference):
     elif kind == "single npy array":
         with open(path, "wb") as f:
             np.save(f, good.params)
+    elif kind == "png image":
+        path.write_bytes(reference["checkpoint"].with_name("samples.png").read_bytes())
+    elif kind == "npz of other arrays":
+        np.savez(path, x_train=np.zeros((3, 4)), labels=np.arange(3))
     elif kind == "npz without meta":
         np.savez(path, params=good.params)
     elif kind == "npz of another program":
@@ -553,7 +580,8 @@ def wrong_format_file(kind, tmp_path, reference):
 
 
 WRONG_FORMATS = [
-    "directory", "empty file", "text", "single npy array", "npz without meta", "npz of another program",
+    "directory", "empty file", "text", "png image", "single npy array", "npz of other arrays", "npz without meta",
+    "npz of another program",
     "newer format version", "integer params", "object params", "object extra array", "object meta",
 ]  # fmt: skip
 
@@ -569,9 +597,16 @@ def test_checkpoints_of_the_wrong_format_are_one_line_and_never_unpickled(kind, 
         marker.unlink()
     with pytest.raises(CheckpointError) as excinfo:  # ...but the loader never unpickles
         load_checkpoint(path)
-    assert "\n" not in str(excinfo.value) and path.name in str(excinfo.value)
+    said = str(excinfo.value)
+    assert "\n" not in said and path.name in said
+    assert "pickle" not in said.lower(), said  # the way on is never to load it unsafely
     if kind == "directory":
-        assert "not a file" in str(excinfo.value)
+        assert "not a file" in said
+    what = {"text": "a text file", "png image": "a PNG image", "single npy array": "a single NumPy array",
+            "npz of other arrays": "an .npz archive of other arrays (labels, x_train)"}  # fmt: skip
+    if kind in what or kind.startswith("object"):  # what it is, and what was expected
+        assert what.get(kind, "holds Python objects") in said and "not a scratchvae checkpoint" in said, said
+        assert "expected the checkpoint.npz that scratchvae train writes" in said, said
     main_error(capsys, "evaluate", path, "--iwae-k", 2, "--n-test", 4)
     main_error(capsys, "sample", path, "--out", tmp_path / "s.png")
     assert not marker.exists()
@@ -843,6 +878,7 @@ def test_ill_typed_training_state_resumes_or_raises_checkpoint_error(data, midwa
         return
     event("resumed")
     run.cfg.epochs = run.epoch  # what restore accepted must carry the run through its epoch end
+    run.cfg.resume = True  # (run() restores it again, as --resume does)
     run.run()
     assert [r["epoch"] for r in metrics_rows(run.out)] == list(range(1, run.epoch))
 
@@ -936,5 +972,187 @@ def test_random_command_lines_parse_or_raise_usage_error(argv):
     assert isinstance(args, argparse.Namespace) and args.command in COMMANDS
     event(f"parsed {args.command}")
     if args.command == "train":
-        with mock.patch.object(T, "train", _build_only), pytest.raises(_Built):
-            cmd_train(args)
+        with mock.patch.object(T, "train", _build_only):
+            try:
+                cmd_train(args)
+            except UsageError as exc:  # what the parser cannot check alone: --threads beyond the CPUs
+                assert "\n" not in str(exc) and "--threads" in str(exc)
+            except _Built:
+                pass
+            else:
+                raise AssertionError("cmd_train returned without training")
+
+
+
+# ------------------------------------------------------------------------------------------
+# 7. No run is lost: used folders are refused, one run per folder at a time, signals anywhere.
+# ------------------------------------------------------------------------------------------
+
+
+def folder_bytes(folder):
+    """Every file of a run folder (but its lock file) with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != FolderLock.NAME}
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_used_folder_is_refused_and_changes_nothing(reference, tmp_path):
+    out = tmp_path / "run"
+    status, _, stderr = run_train(out)
+    assert status == 0, stderr
+    before = folder_bytes(out)
+    status, _, stderr = run_train(out, "--latent", 2)
+    assert status == 2
+    line = assert_one_line(stderr)
+    assert line == (f"scratchvae: error: {out} already holds a run (2 of 2 epochs done); continue it with --resume, "
+                    "start over with --overwrite (which deletes it), or choose another --out")  # fmt: skip
+    assert folder_bytes(out) == before  # byte for byte
+
+    status, stdout, stderr = run_train(out, "--latent", 2, "--overwrite")  # starting over is asked for by name
+    assert status == 0, stderr
+    assert f"overwriting the run in {out} (2 of 2 epochs done)" in stdout
+    assert load_checkpoint(out / T.CHECKPOINT).meta["train"]["latent_dim"] == 2
+    assert [r["epoch"] for r in metrics_rows(out)] == [1, 2]
+
+
+def test_a_used_folder_is_described_by_its_position(midway, tmp_path):
+    run, good = midway
+    out = tmp_path / "run"
+    out.mkdir()
+    assert T.describe_run(out) is None
+    (out / T.METRICS).write_text("")  # what a run interrupted during start-up leaves: not a run
+    assert T.describe_run(out) is None
+    (out / T.CHECKPOINT).write_bytes(good)
+    assert T.describe_run(out) == "0 of 1 epochs done, checkpoint at epoch 1, step 3"
+    (out / T.CHECKPOINT).write_bytes(good[:100])
+    (out / T.METRICS).write_text("{}\n")
+    assert T.describe_run(out) == "1 epoch in metrics.jsonl, and a checkpoint.npz that cannot be read"
+
+
+HOLD_LOCK = """
+import sys, time
+from scratchvae.files import FolderLock
+with FolderLock(sys.argv[1], "training run"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def hold_lock(folder):
+    """A process that holds ``folder``'s lock until killed (returned once it holds it)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env=cli_env())  # fmt: skip
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def test_a_run_in_a_folder_another_process_holds_is_refused_with_its_pid(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = hold_lock(out)
+    try:
+        line = main_error(capsys, "train", *SMALL, "--out", out)
+        assert line == f"scratchvae: error: {out} is in use by another training run (pid {holder.pid})"
+        assert folder_bytes(out) == {}
+        with pytest.raises(OSError, match=f"pid {holder.pid}"):  # --resume and --overwrite too
+            T.Run(T.TrainConfig(**{**small_config(out).__dict__, "overwrite": True}), log=quiet).run()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the OS released the dead holder's lock: nothing stale blocks the folder
+    assert main(["train", *map(str, SMALL), "--out", str(out)]) == 0
+    assert [r["epoch"] for r in metrics_rows(out)] == [1]
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_one_completes_the_other_is_refused(reference, tmp_path):
+    out = tmp_path / "run"
+    first, second = start_train(out), start_train(out, "--latent", 2)
+    results = [(p, *p.communicate(timeout=300)) for p in (first, second)]
+    done = [r for r in results if r[0].returncode == 0]
+    refused = [r for r in results if r[0].returncode == 2]
+    assert len(done) == 1 and len(refused) == 1, [(p.returncode, err) for p, _, err in results]
+    line = assert_one_line(refused[0][2])
+    winner = done[0][0]
+    assert line in (f"scratchvae: error: {out} is in use by another training run (pid {winner.pid})",
+                    f"scratchvae: error: {out} already holds a run (2 of 2 epochs done); continue it with --resume, "
+                    "start over with --overwrite (which deletes it), or choose another --out"), line  # fmt: skip
+    if winner is first:
+        assert_same_as_reference(out, reference)
+    else:
+        assert load_checkpoint(out / T.CHECKPOINT).meta["train"]["latent_dim"] == 2
+        assert [r["epoch"] for r in metrics_rows(out)] == [1, 2]
+
+
+def signal_handled(pid, signum) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (Linux: the SigCgt mask of /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc to see the handler")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_exits_quietly(signum, tmp_path):
+    out = tmp_path / "run"
+    proc = start_train(out)
+    wait_for(lambda: signal_handled(proc.pid, signal.SIGTERM), proc, timeout=30)  # our handlers are in place
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 1, stderr
+    assert not (out / T.CHECKPOINT).exists()
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None)
+@given(delay=st.floats(0.1, 0.8), signum=st.sampled_from([signal.SIGINT, signal.SIGTERM]))
+def test_a_signal_at_any_moment_then_resume_loses_nothing(delay, signum, reference, tmp_path_factory):
+    """Whenever SIGINT or SIGTERM comes (start-up, an epoch, an evaluation, a checkpoint write), the run stops
+    with one line or none, and ``--resume`` then ends bitwise where an uninterrupted run ends."""
+    out = tmp_path_factory.mktemp("signal") / "run"
+    proc = start_train(out, "--checkpoint-every", 8)
+    time.sleep(delay)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 128 + signum), stderr  # 0: it had finished
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 1, stderr
+    event(f"status {proc.returncode}, {'no checkpoint' if not (out / T.CHECKPOINT).exists() else 'checkpoint'}")
+    status, _, stderr = run_train(out, "--checkpoint-every", 8, "--resume")
+    assert status == 0, stderr
+    assert_same_as_reference(out, reference)
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None)
+@given(first=st.sampled_from([[], ["--overwrite"], ["--resume"]]),
+       second=st.sampled_from([[], ["--overwrite"], ["--resume"]]),
+       latent=st.sampled_from([4, 2]), together=st.booleans())  # fmt: skip
+def test_pairs_of_runs_in_one_folder_never_lose_or_mix_a_run(first, second, latent, together, reference,
+                                                              tmp_path_factory):  # fmt: skip
+    """Two runs into one folder, one after the other or at once, with any of --resume/--overwrite: each ends
+    with status 0 or one line and status 2; a refused run changes nothing; the folder holds one whole run."""
+    out = tmp_path_factory.mktemp("pair") / "run"
+    a = start_train(out, *first)
+    if not together:
+        a.communicate(timeout=300)
+        assert a.returncode == 0
+        before = folder_bytes(out)
+    b = start_train(out, "--latent", latent, *second)
+    results = {name: (p, *p.communicate(timeout=300)) for name, p in (("a", a), ("b", b)) if p.returncode is None}
+    for name, (p, _, stderr) in results.items():
+        assert p.returncode in (0, 2), stderr
+        if p.returncode == 2:
+            assert_one_line(stderr)
+    if not together and b.returncode == 2:
+        assert folder_bytes(out) == before
+    event(f"a {a.returncode}, b {b.returncode}")
+    final = load_checkpoint(out / T.CHECKPOINT)
+    assert (final.meta["epoch"], final.meta["step"]) == (EPOCHS + 1, 0)
+    assert [r["epoch"] for r in metrics_rows(out)] == [1, 2]
+    winners = [4] * (a.returncode == 0) + [latent] * (b.returncode == 0)
+    assert final.meta["train"]["latent_dim"] in winners
+    if final.meta["train"]["latent_dim"] == 4:
+        assert_same_as_reference(out, reference)
