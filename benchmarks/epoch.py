@@ -120,7 +120,7 @@ def _scratch_worker(conn, backend, epochs, threads=None):
 
         setattr(owner, name, wrapper)
 
-    timed(T, "prepare_mnist", "data")
+    timed(T, "load_data", "data")
     timed(T, "evaluate_elbo", "eval")
     timed(T, "write_pictures", "pictures")
     timed(T.Run, "save", "checkpoint")
@@ -486,7 +486,7 @@ def write_outputs(args, results):
     lines += ["", markdown_table(headers, indented), ""]
     lines += [
         "Training and evaluation seconds are measured inside each worker; scratchvae's phases come "
-        "from wrapping its trainer's functions (`prepare_mnist`, `evaluate_elbo`, `Run.save`, "
+        "from wrapping its trainer's functions (`load_data`, `evaluate_elbo`, `Run.save`, "
         "`write_pictures`). PyTorch's loop writes no checkpoints or pictures. Peak RSS is the "
         "worker process's high-water mark (`VmHWM`; `ru_maxrss` where there is no /proc).",
     ]

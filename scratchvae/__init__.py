@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it. Modules load on first use, so ``import scratchvae``
 # (and the start of ``python -m scratchvae``) costs milliseconds; NumPy loads with the first model.
 _WHERE = {
+    "VAEEstimator": "estimator", "load": "estimator",
     "VAE": "model", "Autoencoder": "model", "Loss": "model",
     "LinearGaussianVAE": "exact",
     "iwae_loss_and_grad": "objectives",

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_write, file_kind
 from .backend import BackendError, to_device, to_numpy
 
 FORMAT = "scratchvae-checkpoint"
@@ -35,31 +35,6 @@ EXPECTED = "the checkpoint.npz that scratchvae train writes"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt or does not fit (one sentence why)."""
-
-
-_MAGIC = {  # the first bytes of files often given by mistake, and what they are
-    b"\x93NUMPY": "a single NumPy array (.npy)",
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8\xff": "a JPEG image",
-    b"\x1f\x8b": "a gzip file",
-    b"%PDF": "a PDF document",
-    b"\x80": "a file of Python objects",
-    b"\x00\x00\x08": "an IDX data file",
-}
-
-
-def _kind_of(head: bytes) -> str:
-    """What a file that starts with ``head`` is, in words, as far as its first bytes tell."""
-    if not head:
-        return "empty"
-    for magic, kind in _MAGIC.items():
-        if head.startswith(magic):
-            return kind
-    try:
-        head.decode("utf-8")
-        return "a text file"
-    except UnicodeDecodeError:
-        return "not an .npz archive"
 
 
 class Checkpoint(NamedTuple):
@@ -116,7 +91,7 @@ def load_checkpoint(path) -> Checkpoint:
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
     if not head.startswith(b"PK"):  # every .npz archive is a zip file, and every zip file starts so
-        raise CheckpointError(f"{path} is {_kind_of(head)}, not a scratchvae checkpoint (expected {EXPECTED})")
+        raise CheckpointError(f"{path} is {file_kind(head)}, not a scratchvae checkpoint (expected {EXPECTED})")
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {name: z[name] for name in z.files}

@@ -61,6 +61,17 @@ positive_float = _number_type(float, 0.0, True, "a positive number")
 nonnegative_float = _number_type(float, 0.0, False, "a number >= 0")
 
 
+def fraction(text):
+    """A number strictly between 0 and 1."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, like 0.1, got {text!r}")
+    return v
+
+
 def layer_sizes(text):
     """``"400"`` -> ``(400,)``, ``"200,200"`` -> ``(200, 200)``; an empty part (``"400,,200"``) is an error."""
     try:
@@ -85,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         prog="scratchvae",
-        description="A variational autoencoder from scratch on NumPy/CuPy: train on MNIST, evaluate, sample.",
+        description="A variational autoencoder from scratch on NumPy/CuPy: train on MNIST or your own data, "
+        "evaluate, sample.",
     )
     p.add_argument("--version", action="version", version=f"scratchvae {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -93,15 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train a VAE on MNIST",
-        description="Train a VAE on MNIST. The defaults reproduce the PyTorch VAE example: "
-        "784-400-20, ReLU, Bernoulli likelihood on grey levels, Adam 1e-3, batch 128, 10 epochs. "
+        help="train a VAE on MNIST or on your own data (--data)",
+        description="Train a VAE on MNIST, or on your own data with --data. The defaults reproduce the PyTorch VAE "
+        "example: 784-400-20, ReLU, Bernoulli likelihood on grey levels, Adam 1e-3, batch 128, 10 epochs. "
         "The run folder gets metrics.jsonl, checkpoint.npz, samples.png, reconstructions.png, loss.png "
-        "(and manifold.png, latent.png for a 2-d latent space).",
+        "(and manifold.png, latent.png for a 2-d latent space); for data that are not images, samples.npy and "
+        "reconstructions.npy instead of the picture grids.",
     )
     t.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX files (.gz or raw); "
                    "default: $SCRATCHVAE_DATA, ./data/mnist, the package checkout's data/mnist, then the user cache "
                    "(downloaded there when missing)")  # fmt: skip
+    t.add_argument("--data", default=None, metavar="FILE",
+                   help="train on this instead of MNIST: a .npy array (n_examples, n_features) or (n, height, width); "
+                        "an .npz with arrays train and test (or x_train and x_test; test optional; y_train/y_test "
+                        "labels and an image_shape used if present); or a folder of IDX files such as Fashion-MNIST "
+                        "or EMNIST. uint8 data are grey levels (scaled by 1/255), other numbers are used as they are. "
+                        "Without a test set, --validation of the examples is held out")  # fmt: skip
+    t.add_argument("--validation", type=fraction, default=0.1,
+                   help="the fraction of --data held out (drawn with --seed) as the test set when the data have none "
+                        "(default 0.1)")  # fmt: skip
     t.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set (default 10)")
     t.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default 128)")
     t.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
@@ -165,23 +187,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress line on stderr: auto shows it on a terminal (tqdm if installed) (default auto)")  # fmt: skip
 
     e = sub.add_parser("evaluate", help="test ELBO and importance-weighted NLL of a checkpoint",
-                       description="Evaluate a checkpoint on the MNIST test set: the ELBO and the importance-weighted "
-                                   "bound log 1/K sum_k p(x,z_k)/q(z_k|x), reported as NLL in nats.")  # fmt: skip
-    e.add_argument("checkpoint", help="a checkpoint.npz written by train")
-    e.add_argument("--iwae-k", type=positive_int, default=5000, help="importance samples K (default 5000)")
+                       description="Evaluate a VAE checkpoint on its test set (MNIST's, or that of the data it was "
+                                   "trained on): the ELBO and the importance-weighted bound log 1/K sum_k "
+                                   "p(x,z_k)/q(z_k|x), reported as NLL in nats.")  # fmt: skip
+    e.add_argument("checkpoint", help="a checkpoint.npz written by train or VAEEstimator.save, or a run folder")
+    e.add_argument("--iwae-k", type=positive_int, default=5000,
+                   help="importance samples K (default 5000: on all 10,000 MNIST test images that takes about 25 "
+                        "minutes on two CPU cores; --n-test 1000 --iwae-k 1000 takes about half a minute)")  # fmt: skip
     e.add_argument("--n-test", type=positive_int, default=None, help="evaluate the first N test images (default all)")
     e.add_argument("--data-dir", default=None, help="folder with the MNIST files (as for train)")
+    e.add_argument("--data", default=None, metavar="FILE",
+                   help="the data file or IDX folder (as for train) whose test set to use; its held-out split is "
+                        "the one train made (default: the file the checkpoint was trained on, else MNIST for 784-d "
+                        "models)")  # fmt: skip
     e.add_argument("--backend", choices=BACKENDS, default=None, help="numpy, cupy or auto (as for train)")
     e.add_argument("--batch-size", type=positive_int, default=100, help="test images per IWAE batch (default 100)")
     e.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the evaluation noise (default 0)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress line on stderr")
 
-    s = sub.add_parser("sample", help="decode samples z ~ N(0, I) from a checkpoint into a PNG grid",
-                       description="Draw z ~ N(0, I), decode, and write the means as a PNG grid.")  # fmt: skip
-    s.add_argument("checkpoint", help="a checkpoint.npz written by train")
+    s = sub.add_parser("sample", help="decode samples z ~ N(0, I) from a checkpoint into a PNG grid or a .npy array",
+                       description="Draw z ~ N(0, I), decode, and write the means as a PNG grid (image data) or "
+                                   "as an array (n, n_features) in a .npy file.")  # fmt: skip
+    s.add_argument("checkpoint", help="a checkpoint.npz written by train or VAEEstimator.save, or a run folder")
     s.add_argument("--n", type=positive_int, default=100, help="number of samples (default 100)")
-    s.add_argument("--out", default="samples.png", help="PNG file to write, ending in .png (default samples.png)")
+    s.add_argument("--out", default=None,
+                   help="file to write: .png for a picture grid (image data only), .npy for the array "
+                        "(default samples.png for image data, else samples.npy)")  # fmt: skip
     s.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the prior samples (default 0)")
     s.add_argument("--backend", choices=BACKENDS, default=None, help="numpy, cupy or auto")
     return p
@@ -222,15 +254,22 @@ class Progress:
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
         rate = done / max(now - self._t0, 1e-9)
         tail = f" loss {loss:8.2f}" if loss is not None else ""
-        sys.stderr.write(f"\r{self.desc} [{bar}] {100 * frac:5.1f}%{tail} {rate:8.0f} ex/s")
+        eta = f" ETA {_clock((self.total - done) / rate)}" if 0 < done < self.total else ""
+        sys.stderr.write(f"\r{self.desc} [{bar}] {100 * frac:5.1f}%{tail} {rate:8.0f} ex/s{eta}   ")
         sys.stderr.flush()
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         else:
-            sys.stderr.write("\r" + " " * 90 + "\r")
+            sys.stderr.write("\r" + " " * 110 + "\r")
             sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    """``seconds`` as ``m:ss``, or ``h:mm:ss`` from an hour on."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def progress_factory(flag):
@@ -250,7 +289,8 @@ def cmd_train(args) -> int:
         raise UsageError(f"--threads {args.threads} is more than the {cpu_count()} CPUs this process may use; "
                          f"give at most {cpu_count()}")  # fmt: skip
     cfg = TrainConfig(
-        data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        data_dir=args.data_dir, data=args.data, validation=args.validation, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, hidden=tuple(args.hidden), latent_dim=args.latent_dim, activation=args.activation,
         init=args.init,
         likelihood=args.likelihood, binarize=args.binarize, objective=args.objective, k=args.k, beta=args.beta,
@@ -261,12 +301,24 @@ def cmd_train(args) -> int:
     history = train(cfg, progress=progress_factory(args.progress))
     out = Path(cfg.out)
     pics = [p.name for p in sorted(out.glob("*.png"))]
+    arrays = [p.name for p in sorted(out.glob("*.npy"))]
     last = history[-1] if history else None
     if last:
         print(f"final test loss {last['test_loss']:.3f} nats (negative ELBO per example)")
+    if arrays:
+        print(f"the data are not images: samples and reconstructions are arrays in {out}/: {', '.join(arrays)} "
+              "(numpy.load them)")  # fmt: skip
     print(f"pictures in {out}/: {', '.join(pics)}; metrics in {out / 'metrics.jsonl'}")
-    print(f"evaluate with: scratchvae evaluate {out / 'checkpoint.npz'} --iwae-k 1000 --n-test 2000")
+    print(f"evaluate with: scratchvae evaluate {out} --iwae-k 1000 --n-test 2000")
     return 0
+
+
+def checkpoint_file(path) -> Path:
+    """``path``, or the checkpoint inside it when it is a run folder."""
+    from .train import CHECKPOINT
+
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
 
 
 def _load(path, backend):
@@ -276,28 +328,58 @@ def _load(path, backend):
     return ckpt, restore_model(ckpt, backend=backend)
 
 
-def cmd_evaluate(args) -> int:
-    from . import data as D
-    from .checkpoint import CheckpointError
-    from .evaluate import evaluate_elbo, evaluate_nll
+def _vae_only(model, path, what):
+    """One line, status 2, for an autoencoder given where a VAE is needed."""
+    if type(model).__name__ == "Autoencoder":
+        raise ValueError(f"{path} holds a plain autoencoder, which {what}; this works with VAE checkpoints")
 
-    ckpt, model = _load(args.checkpoint, args.backend)
+
+def test_data(args, ckpt, model, path):
+    """The test rows a checkpoint is evaluated on, prepared as its run prepared them."""
+    from . import datasets
+    from .checkpoint import CheckpointError
+    from .data import BINARIZE
+
     train_cfg = ckpt.meta.get("train", {})
     if not isinstance(train_cfg, dict):
-        raise CheckpointError(f"checkpoint {args.checkpoint} has a malformed training configuration")
+        raise CheckpointError(f"checkpoint {path} has a malformed training configuration")
     binarize = train_cfg.get("binarize", "none")
-    if binarize not in D.BINARIZE:
-        raise CheckpointError(f"checkpoint {args.checkpoint} names an unknown binarization {binarize!r}")
-    data_dir = args.data_dir
-    saved_dir = train_cfg.get("data_dir")
-    if data_dir is None and isinstance(saved_dir, str) and saved_dir and Path(saved_dir).is_dir():
-        data_dir = saved_dir  # where the run found its data, if that is here too
-    mnist = D.load_mnist(data_dir)
-    if args.n_test is not None and args.n_test > len(mnist.test_images):
-        raise ValueError(f"--n-test {args.n_test} is more than the {len(mnist.test_images)} test images")
-    test_x = mnist.test_images[: args.n_test]
-    if binarize == "static":
-        test_x = D.static_binarize(test_x)
+    if binarize not in BINARIZE:
+        raise CheckpointError(f"checkpoint {path} names an unknown binarization {binarize!r}")
+    data_meta = ckpt.meta.get("data") if isinstance(ckpt.meta.get("data"), dict) else {}
+    saved_path = data_meta.get("path")
+    data = args.data or (saved_path if isinstance(saved_path, str) and Path(saved_path).exists() else None)
+    if data is not None:
+        validation, seed = train_cfg.get("validation", 0.1), train_cfg.get("seed", 0)
+        if not (isinstance(validation, float) and 0 < validation < 1 and isinstance(seed, int) and seed >= 0):
+            raise CheckpointError(f"checkpoint {path} has a malformed training configuration (validation, seed)")
+        ds = datasets.load_file(data, validation=validation, seed=seed)
+    elif model.input_dim == 784:
+        data_dir = args.data_dir
+        saved_dir = train_cfg.get("data_dir")
+        if data_dir is None and isinstance(saved_dir, str) and saved_dir and Path(saved_dir).is_dir():
+            data_dir = saved_dir  # where the run found its data, if that is here too
+        ds = datasets.load_mnist_dataset(data_dir)
+    else:
+        where = f" ({saved_path}, not found here)" if isinstance(saved_path, str) else ""
+        raise ValueError(f"{path} holds a model of {model.input_dim}-d data and names no data file to evaluate it "
+                         f"on{where}; give --data FILE")  # fmt: skip
+    if ds.dim != model.input_dim:
+        raise ValueError(f"{ds.source} has {ds.dim} features per example, but the model in {path} takes "
+                         f"{model.input_dim}")  # fmt: skip
+    if args.n_test is not None and args.n_test > len(ds.test):
+        raise ValueError(f"--n-test {args.n_test} is more than the {len(ds.test)} test examples")
+    ds = datasets.prepare(ds, likelihood=model.likelihood, binarize=binarize, test_size=args.n_test)
+    return ds.test, binarize
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_elbo, evaluate_nll
+
+    path = checkpoint_file(args.checkpoint)
+    ckpt, model = _load(path, args.backend)
+    _vae_only(model, path, "has no ELBO or likelihood to evaluate (its loss is the squared error)")
+    test_x, binarize = test_data(args, ckpt, model, path)
     t0 = time.perf_counter()
     elbo = evaluate_elbo(model, test_x, binarize, args.seed)
     make_bar = progress_factory(args.progress)
@@ -309,29 +391,47 @@ def cmd_evaluate(args) -> int:
         if bar:
             bar.close()
     result = {
-        "checkpoint": str(args.checkpoint), "n_test": len(test_x), "binarize": binarize,
-        "test_loss": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"],
+        "checkpoint": str(path), "n_test": len(test_x), "binarize": binarize,
+        "test_loss": elbo["loss"], "test_recon": elbo["recon"], "test_kl": elbo["kl"],
         "iwae_k": args.iwae_k, "nll": nll, "nll_stderr": se, "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
         print(f"test negative ELBO {elbo['loss']:.3f} nats (recon {elbo['recon']:.3f} + kl {elbo['kl']:.3f}) "
-              f"on {len(test_x)} images, binarize={binarize}")  # fmt: skip
+              f"on {len(test_x)} examples, binarize={binarize}")  # fmt: skip
         print(f"test NLL (IWAE, K={args.iwae_k}) {nll:.3f} +- {se:.3f} nats")
     return 0
 
 
 def cmd_sample(args) -> int:
+    import numpy as np
+
     from . import images
+    from .backend import to_numpy
+    from .estimator import image_shape_of
+    from .files import atomic_write
     from .rng import STREAM_SAMPLE, Generator
 
-    if Path(args.out).suffix.lower() != ".png":
-        raise UsageError(f"--out {args.out} must end in .png: sample writes a PNG picture grid")
-    _, model = _load(args.checkpoint, args.backend)
+    path = checkpoint_file(args.checkpoint)
+    out = args.out
+    if out is not None and Path(out).suffix.lower() not in (".png", ".npy"):
+        raise UsageError(f"--out {out} must end in .png (a picture grid) or .npy (the array of samples)")
+    ckpt, model = _load(path, args.backend)
+    _vae_only(model, path, "has no prior p(z) to sample from")
+    shape = image_shape_of(ckpt.meta)
+    if out is None:
+        out = "samples.png" if shape is not None else "samples.npy"
     x = model.sample(args.n, rng=Generator(args.seed, model.xp, stream=STREAM_SAMPLE))
-    images.save_grid(args.out, x, ncols=min(args.n, 10))
-    print(f"wrote {args.n} samples to {args.out}")
+    if Path(out).suffix.lower() == ".npy":
+        atomic_write(out, lambda f: np.save(f, to_numpy(x)))
+        print(f"wrote {args.n} samples, an array of shape {tuple(x.shape)}, to {out}")
+        return 0
+    if shape is None:
+        raise UsageError(f"{path} holds a model of {model.input_dim}-d data that are not images; write the samples "
+                         f"as an array with --out samples.npy")  # fmt: skip
+    images.save_grid(out, x, ncols=min(args.n, 10), shape=shape)
+    print(f"wrote {args.n} samples to {out}")
     return 0
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "load_mnist",
     "static_binarize",
     "to_float_batch",
+    "rows_to_float",
     "float_batches",
 ]
 
@@ -559,11 +560,35 @@ def to_float_batch(images_u8, binarize: str, rng=None, dtype=np.float32, out=Non
     return out
 
 
-def float_batches(images_u8, binarize: str, rng, batch_size: int, dtype, xp):
-    """Float batches of ``images_u8`` in order, ``batch_size`` rows each (the last may be short), on ``xp``'s device.
+def rows_to_float(rows, binarize: str, rng=None, dtype=np.float32, out=None):
+    r"""A float batch from rows of ``uint8`` grey levels (:func:`to_float_batch`) or of floats.
 
-    Each is :func:`to_float_batch` of the next rows, then copied to the
-    device; ``rng`` draws the dynamic binarization.
+    Float rows are used as they are, or binarized like grey levels
+    :math:`u/255`: ``static`` keeps :math:`[x > 1/2]`, ``dynamic`` draws
+    :math:`[v < x]` with :math:`v \sim U[0, 1)` (values in ``[0, 1]``).
+    ``out`` as for :func:`to_float_batch`.
     """
-    for start in range(0, len(images_u8), batch_size):
-        yield to_device(to_float_batch(images_u8[start : start + batch_size], binarize, rng, dtype=dtype), xp)
+    if getattr(rows, "dtype", None) == np.uint8:
+        return to_float_batch(rows, binarize, rng, dtype=dtype, out=out)
+    if binarize not in BINARIZE:
+        raise ValueError(f"unknown binarize {binarize!r}; choose one of {', '.join(BINARIZE)}")
+    xp = get_array_module(rows)
+    if out is None:
+        out = xp.empty(rows.shape, dtype=dtype)
+    if binarize == "static":
+        xp.greater(rows, 0.5, out=out)
+    else:
+        out[...] = rows
+    if binarize == "dynamic":
+        xp.less(rng.uniform(out.shape, out.dtype), out, out=out)
+    return out
+
+
+def float_batches(images, binarize: str, rng, batch_size: int, dtype, xp):
+    """Float batches of ``images`` in order, ``batch_size`` rows each (the last may be short), on ``xp``'s device.
+
+    Each is :func:`rows_to_float` of the next rows (``uint8`` grey levels or
+    floats), then copied to the device; ``rng`` draws the dynamic binarization.
+    """
+    for start in range(0, len(images), batch_size):
+        yield to_device(rows_to_float(images[start : start + batch_size], binarize, rng, dtype=dtype), xp)

@@ -12,8 +12,8 @@ number papers report, as a negative log-likelihood in nats. The sum is formed
 in log space, a chunk of samples at a time, with a running log-sum-exp, so
 :math:`K = 5000` fits in memory and never overflows.
 
-:func:`evaluate_elbo` and :func:`evaluate_nll` run these over a whole set of
-``uint8`` images, a batch at a time, with noise and binarization drawn from
+:func:`evaluate_elbo` and :func:`evaluate_nll` run these over a whole data set
+(``uint8`` grey levels or floats), a batch at a time, with noise and binarization drawn from
 generator streams of their own, so that the same model gives the same numbers
 whenever it is evaluated.
 """
@@ -90,14 +90,14 @@ def iwae_bound(model, x, k=5000, *, rng=None, max_elements=1 << 23):
     return acc - math.log(k)
 
 
-def evaluate_elbo(model, images_u8, binarize, seed, batch_size=1000):
+def evaluate_elbo(model, images, binarize, seed, batch_size=1000):
     """Per-example means of the negative ELBO and its parts over a data set (one noise sample each).
 
     Parameters
     ----------
     model : VAE
-    images_u8 : uint8 array ``(N, input_dim)``
-        Converted to floats a batch at a time (:func:`scratchvae.data.to_float_batch`).
+    images : array ``(N, input_dim)``
+        ``uint8`` grey levels or floats, converted a batch at a time (:func:`scratchvae.data.rows_to_float`).
     binarize : {"none", "dynamic", "static"}
     seed : int
         Seeds the dynamic binarization and the noise, from two streams of
@@ -112,14 +112,14 @@ def evaluate_elbo(model, images_u8, binarize, seed, batch_size=1000):
     rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
     rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_ELBO)
     n, loss_sum, recon_sum, kl_sum = 0, 0.0, 0.0, 0.0
-    for xb in float_batches(images_u8, binarize, rng_data, batch_size, model.dtype, model.xp):
+    for xb in float_batches(images, binarize, rng_data, batch_size, model.dtype, model.xp):
         recon, kl = model.loss_parts(xb, rng_eps.normal((xb.shape[0], model.latent_dim), model.dtype))
         b, r, k = xb.shape[0], float(recon.mean()), float(kl.mean())
         n, loss_sum, recon_sum, kl_sum = n + b, loss_sum + b * (r + k), recon_sum + b * r, kl_sum + b * k
     return {"loss": loss_sum / n, "recon": recon_sum / n, "kl": kl_sum / n}
 
 
-def evaluate_nll(model, images_u8, binarize, seed, k=5000, batch_size=100, progress=None):
+def evaluate_nll(model, images, binarize, seed, k=5000, batch_size=100, progress=None):
     r"""Test negative log-likelihood in nats, :math:`-\frac1N\sum_n \mathcal L_K(x_n)` (the IWAE bound).
 
     ``progress(done, total)`` is called after each batch when given. The
@@ -130,8 +130,8 @@ def evaluate_nll(model, images_u8, binarize, seed, k=5000, batch_size=100, progr
     rng_data = Generator(seed, np, stream=STREAM_EVAL_DATA)
     rng_eps = Generator(seed, model.xp, stream=STREAM_EVAL_IWAE)
     values = []
-    n = len(images_u8)
-    for i, xb in enumerate(float_batches(images_u8, binarize, rng_data, batch_size, model.dtype, model.xp)):
+    n = len(images)
+    for i, xb in enumerate(float_batches(images, binarize, rng_data, batch_size, model.dtype, model.xp)):
         values.append(to_numpy(iwae_bound(model, xb, k, rng=rng_eps)))
         if progress:
             progress(min((i + 1) * batch_size, n), n)

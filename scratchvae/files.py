@@ -124,3 +124,28 @@ def _lock(f) -> None:
         msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         return
     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+FILE_MAGIC = {  # the first bytes of files often given by mistake, and what they are
+    b"\x93NUMPY": "a single NumPy array (.npy)",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x1f\x8b": "a gzip file",
+    b"%PDF": "a PDF document",
+    b"\x80": "a file of Python objects",
+    b"\x00\x00\x08": "an IDX data file",
+}
+
+
+def file_kind(head: bytes) -> str:
+    """What a file that starts with ``head`` is, in words, as far as its first bytes tell."""
+    if not head:
+        return "empty"
+    for magic, kind in FILE_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "a binary file of another kind"

@@ -33,6 +33,7 @@ The plain autoencoder has a deterministic code and the squared error:
 
 from __future__ import annotations
 
+import secrets
 from typing import NamedTuple
 
 import numpy as np
@@ -65,7 +66,7 @@ class _Model:
         self.input_dim, self.latent_dim = int(input_dim), int(latent_dim)
         self.xp = get_xp(backend)
         self.dtype = as_dtype(dtype)
-        self.seed = int(seed)
+        self.seed = secrets.randbits(32) if seed is None else int(seed)  # None: a fresh seed, kept in config()
         self.rng = Generator(self.seed, self.xp, stream=STREAM_NOISE)
 
     def _build(self, *mlps):
@@ -128,9 +129,10 @@ class VAE(_Model):
         Parameter initialisation (see :class:`~scratchvae.layers.MLP`).
     backend : {"numpy", "cupy", "auto"}, optional
     dtype : {"float32", "float64"}
-    seed : int
+    seed : int or None
         Seeds both the initialisation and the model's own generator for
-        :math:`\epsilon` (no global random state is read).
+        :math:`\epsilon` (no global random state is read); ``None`` draws a
+        fresh seed, kept as ``seed`` and in :meth:`config`.
 
     Initialisation (``init="auto"``): He normal for ReLU hidden layers,
     Glorot uniform for every other layer, zero biases. The command line's
@@ -310,7 +312,7 @@ class VAE(_Model):
     # ---------------------------------------------------------------- the loss and its gradient
 
     def loss_and_grad(self, x, eps=None, beta=1.0) -> Loss:
-        r"""Negative ELBO per example and its gradient in ``self.grads``.
+        r"""The negative ELBO, the batch mean of its per-example values, and its gradient in ``self.grads``.
 
         Parameters
         ----------
@@ -434,7 +436,7 @@ class Autoencoder(_Model):
         return self.decode(self.encode(x))
 
     def loss_and_grad(self, x) -> Loss:
-        r"""Squared-error loss per example and its gradient in ``self.grads`` (``kl`` is 0).
+        r"""The squared-error loss, the batch mean of each example's sum, and its gradient in ``self.grads`` (``kl`` is 0).
 
         ``x`` is ``(batch, input_dim)``, float and finite; the loss is
         :math:`\frac1B\sum_{b,d}(x_{bd} - \hat x_{bd})^2` as a 0-d array.

@@ -41,7 +41,7 @@ from .validate import check_eps, check_k
 
 
 def iwae_loss_and_grad(model, x, k, eps=None) -> Loss:
-    r"""Negative importance-weighted bound per example and its gradient in ``model.grads``.
+    r"""The negative importance-weighted bound, the batch mean of its per-example values, and its gradient in ``model.grads``.
 
     .. math::
         \text{loss} = -\frac1B\sum_b \mathcal L_K(x_b)

@@ -19,6 +19,7 @@ STREAM_EVAL_IWAE = 4  # noise of the importance-weighted bound (evaluate_nll)
 STREAM_PICTURES = 5  # the samples in a run's pictures
 STREAM_EVAL_ELBO = 6  # noise of the one-sample ELBO on held-out images (evaluate_elbo)
 STREAM_SAMPLE = 7  # ``scratchvae sample``
+STREAM_SPLIT = 8  # the examples held out as a test set when a data set has none
 
 
 class Generator:

@@ -1,10 +1,13 @@
-"""Training a VAE on MNIST: minibatches, per-epoch metrics, checkpoints, pictures, exact resume.
+"""Training a VAE on a data set: minibatches, per-epoch metrics, checkpoints, pictures, exact resume.
 
-:func:`train` is what ``scratchvae train`` runs. One epoch is one pass over
-the training images in an order drawn from the run's data generator; each
-minibatch is converted from ``uint8`` to floats (and binarized) on its own,
-so no float copy of the data set is ever held, and handed to an engine
-(:mod:`scratchvae.engines`) for the loss, the gradient and the update.
+:func:`train` is what ``scratchvae train`` runs, and
+:class:`scratchvae.estimator.VAEEstimator` runs the same :class:`Run` on
+arrays. The data are a :class:`~scratchvae.datasets.Dataset` (MNIST, a file,
+or arrays). One epoch is one pass over the training rows in an order drawn
+from the run's data generator; each minibatch is converted to floats (and
+binarized) on its own, so no float copy of ``uint8`` data is ever held, and
+handed to an engine (:mod:`scratchvae.engines`) for the loss, the gradient
+and the update.
 
 Everything random has its own generator stream derived from ``seed``: the
 initial parameters, the reparameterization noise, the data order and
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from . import datasets
 from . import images
 from .backend import backend_name, get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, optimizer_state, restore_model, save_checkpoint
@@ -42,7 +46,8 @@ CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
 
 
-PICTURES = ("samples.png", "reconstructions.png", "loss.png", "manifold.png", "latent.png")
+PICTURES = ("samples.png", "reconstructions.png", "loss.png", "manifold.png", "latent.png", "samples.npy",
+            "reconstructions.npy")  # what write_pictures may write
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,7 +98,9 @@ class TrainConfig:
     negative ELBO (:math:`\beta = 1`).
     """
 
-    data_dir: str | None = None
+    data_dir: str | None = None  # MNIST's folder (when ``data`` is None)
+    data: str | None = None  # a .npy/.npz file or a folder of IDX files (scratchvae.datasets.load_file)
+    validation: float = 0.1  # the fraction held out as the test set when the data have none
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -111,7 +118,7 @@ class TrainConfig:
     backend: str | None = None
     dtype: str = "float32"
     seed: int = 0
-    out: str = "runs/mnist"
+    out: str | None = "runs/mnist"  # None: nothing is written (the estimator's default)
     resume: bool = False
     overwrite: bool = False  # start over in an ``out`` that holds a run (its files are deleted)
     train_size: int | None = None
@@ -124,6 +131,7 @@ class TrainConfig:
     RESUME_KEYS = (
         "batch_size", "lr", "optimizer", "hidden", "latent_dim", "activation", "init", "likelihood",
         "binarize", "dtype", "seed", "train_size", "test_size", "objective", "k", "beta", "kl_warmup",
+        "validation",
     )  # fmt: skip
 
     def to_json(self) -> dict:
@@ -223,6 +231,15 @@ def training_state(meta: dict, n: int, batch_size: int):
     return epoch, step, stats, history
 
 
+def renamed_test_keys(row: dict) -> dict:
+    """A metrics row with the test parts named ``test_recon``, ``test_kl`` (``recon``, ``kl`` before)."""
+    row = dict(row)
+    for old, new in (("recon", "test_recon"), ("kl", "test_kl")):
+        if old in row and new not in row:
+            row[new] = row.pop(old)
+    return row
+
+
 def is_permutation(perm, n: int) -> bool:
     """Whether ``perm`` is an integer array holding each of ``0 .. n-1`` once."""
     return (
@@ -232,27 +249,20 @@ def is_permutation(perm, n: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------
-# Data: MNIST as uint8 images.
+# Data.
 # ------------------------------------------------------------------------------------------
 
 
-def prepare_mnist(cfg: TrainConfig):
-    """Load MNIST (uint8), slice to ``train_size``/``test_size``, threshold once for ``static``.
+def load_data(cfg: TrainConfig) -> datasets.Dataset:
+    """The run's data: ``cfg.data`` (a file or IDX folder) or MNIST, cut and checked (:func:`~scratchvae.datasets.prepare`).
 
     A size larger than the set is a ``ValueError``, not silently the whole set.
     """
-    mnist = D.load_mnist(cfg.data_dir)
-    for name, size, images_u8, split in (("train_size", cfg.train_size, mnist.train_images, "training"),
-                                         ("test_size", cfg.test_size, mnist.test_images, "test")):  # fmt: skip
-        if size is not None and size > len(images_u8):
-            raise ValueError(
-                f"{name} {size} is more than the {len(images_u8)} {split} images; leave it out to use them all"
-            )
-    train_x, train_y = mnist.train_images[: cfg.train_size], mnist.train_labels[: cfg.train_size]
-    test_x, test_y = mnist.test_images[: cfg.test_size], mnist.test_labels[: cfg.test_size]
-    if cfg.binarize == "static":
-        train_x, test_x = D.static_binarize(train_x), D.static_binarize(test_x)
-    return train_x, train_y, test_x, test_y
+    if cfg.data is not None:
+        ds = datasets.load_file(cfg.data, validation=cfg.validation, seed=cfg.seed)
+    else:
+        ds = datasets.load_mnist_dataset(cfg.data_dir)
+    return ds
 
 
 # ------------------------------------------------------------------------------------------
@@ -308,19 +318,29 @@ def _signals_set_flag():
 class Run:
     """A training run in a folder: model, optimiser, engine, generators, position; saves and restores them.
 
+    ``dataset``: a :class:`~scratchvae.datasets.Dataset` to train on
+    (default: :func:`load_data` of ``cfg``). With ``cfg.out = None`` nothing
+    is written (no folder, checkpoint, metrics or pictures), and ``resume``
+    is impossible; the finiteness checks still stop a diverging run.
     ``log(line)`` receives one line per event (default :func:`print`).
     ``progress(total, description)``, when given, makes a progress display
     for an epoch: an object with ``update(done, loss)`` and ``close()`` (the
     command line's :class:`scratchvae.cli.Progress`).
     """
 
-    def __init__(self, cfg: TrainConfig, log=print, progress=None):
+    def __init__(self, cfg: TrainConfig, log=print, progress=None, dataset=None):
         cfg.validate()
         self.cfg, self.log, self.progress = cfg, log, progress
         self.started = time.time()  # temporary files older than this were left by earlier runs
-        self.out = Path(cfg.out)
+        self.out = None if cfg.out is None else Path(cfg.out)
+        if self.out is None and cfg.resume:
+            raise ValueError("resume needs the run folder (out) to resume from")
         self.xp = get_xp(cfg.backend)
-        self.train_x, self.train_y, self.test_x, self.test_y = prepare_mnist(cfg)
+        self.data = datasets.prepare(
+            load_data(cfg) if dataset is None else dataset, likelihood=cfg.likelihood, binarize=cfg.binarize,
+            train_size=cfg.train_size, test_size=cfg.test_size,
+        )  # fmt: skip
+        self.train_x, self.test_x = self.data.train, self.data.test
         self.model = VAE(
             self.train_x.shape[1], hidden=cfg.hidden, latent_dim=cfg.latent_dim, likelihood=cfg.likelihood,
             activation=cfg.activation, init=cfg.init, backend=backend_name(self.xp), dtype=cfg.dtype, seed=cfg.seed,
@@ -335,6 +355,7 @@ class Run:
         self.history = []
         self.notes = None  # how the last pictures were rendered (see write_pictures)
         self._batch = None  # the host float buffer each minibatch is converted into, kept across steps
+        self._data_meta = None  # see data_meta
         _ = self.engine  # an engine that cannot run this model says so now, before anything is written
 
     @property
@@ -360,15 +381,19 @@ class Run:
         the loss alone would not show it.)
         """
         opt_state = {f"opt_{k}": v for k, v in self.opt.state_dict().items() if k != "t"}  # live arrays
+        # (with no folder to save to, the finiteness checks below still run)
         for what, checked in (("parameters", [self.model.params]), ("optimiser's state", opt_state.values())):
             if not all(bool(self.xp.isfinite(a).all()) for a in checked):
                 raise TrainingDiverged(
                     f"the {what} became NaN or inf (checkpoint at epoch {self.epoch}, step {self.step} not written); "
                     f"try a smaller --lr (now {self.cfg.lr}); the last good checkpoint is kept"
                 )
+        if self.out is None:
+            return None
         meta = {
             "model": self.model.config(),
             "train": self.cfg.to_json(),
+            "data": self.data_meta(),
             "epoch": self.epoch,
             "step": self.step,
             "optimizer": {"name": self.cfg.optimizer, "t": self.opt.t},
@@ -382,6 +407,21 @@ class Run:
             arrays["perm"] = self.perm
         return save_checkpoint(self.out / CHECKPOINT, self.model.params, meta, arrays)
 
+    def data_meta(self) -> dict:
+        """What a checkpoint records of the data: where from, the shape of an example, a fingerprint of the training rows."""
+        if self._data_meta is None:
+            ds = self.data
+            self._data_meta = {
+                "source": ds.source,
+                "path": None if self.cfg.data is None else str(Path(self.cfg.data).resolve()),
+                "image_shape": None if ds.image_shape is None else list(ds.image_shape),
+                "input_dim": ds.dim,
+                "uint8": bool(ds.train.dtype == np.uint8),
+                "split": ds.split,
+                "fingerprint": ds.fingerprint(),
+            }
+        return self._data_meta
+
     def restore(self) -> None:
         path = self.out / CHECKPOINT
         ckpt = load_checkpoint(path)
@@ -389,7 +429,7 @@ class Run:
         if not isinstance(saved, dict):
             raise CheckpointError(f"cannot resume from {path}: it holds no training configuration")
         # a checkpoint from before the objective fields existed was trained with their defaults
-        saved = {"objective": "elbo", "k": 1, "beta": 1.0, "kl_warmup": 0, **saved}
+        saved = {"objective": "elbo", "k": 1, "beta": 1.0, "kl_warmup": 0, "validation": 0.1, **saved}
         if "latent_dim" not in saved and "latent" in saved:  # the field's name before format version 3
             saved["latent_dim"] = saved["latent"]
         now = self.cfg.to_json()
@@ -403,8 +443,16 @@ class Run:
             raise CheckpointError(f"cannot resume from {path}: {exc}") from None
         if model.params.shape != self.model.params.shape:
             raise CheckpointError(f"cannot resume from {path}: the model has a different size")
+        data = ckpt.meta.get("data")
+        fingerprint = data.get("fingerprint") if isinstance(data, dict) else None  # absent before format 3's data record
+        if fingerprint is not None and fingerprint != self.data_meta()["fingerprint"]:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained on other data than {self.data.source} "
+                f"(its training rows were {data.get('source')!r} with another fingerprint)"
+            )
         try:  # check everything before taking any of it
             epoch, step, stats, history = training_state(ckpt.meta, len(self.train_x), self.cfg.batch_size)
+            history = [renamed_test_keys(row) for row in history]
             state = {k: to_device(v, self.xp) for k, v in optimizer_state(ckpt, self.opt).items()}
             for k, v in state.items():
                 if v.shape != self.model.params.shape:
@@ -458,7 +506,7 @@ class Run:
         try:
             while self.step < n_steps:
                 idx = self.perm[self.step * bs : (self.step + 1) * bs]
-                xb = D.to_float_batch(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype, out=self._buffer(len(idx)))
+                xb = D.rows_to_float(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype, out=self._buffer(len(idx)))
                 xb = to_device(xb, self.xp)
                 beta = cfg.beta_at((self.epoch - 1) * n_steps + self.step, n_steps)
                 # loss and gradient, then the update; the batch came from checked uint8 images
@@ -500,6 +548,10 @@ class Run:
         if another process trains there now, and :class:`Interrupted` after
         saving, when SIGINT or SIGTERM arrives (at the next step boundary).
         """
+        if self.out is None:  # nothing to save, so Ctrl-C stops it as it stops any Python code
+            self.log(datasets.describe(self.data))
+            self._train([])
+            return self.history
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # it, or a folder above it, is a file
@@ -515,7 +567,7 @@ class Run:
     def _start(self) -> None:
         """Clean up after killed writes, then restore (``resume``), refuse a used folder, or clear it (``overwrite``)."""
         cfg = self.cfg
-        ours = lambda name: name in (CHECKPOINT, METRICS) or name.endswith(".png")  # noqa: E731
+        ours = lambda name: name in (CHECKPOINT, METRICS, *PICTURES)  # noqa: E731
         stale = remove_stale_temporaries(self.out, ours, before=self.started)
         if stale:
             self.log(f"removed what a killed write left behind in {self.out}: {', '.join(stale)}")
@@ -540,6 +592,7 @@ class Run:
                 (self.out / name).unlink(missing_ok=True)
             self.log(f"overwriting the run in {self.out} ({used})")
         self._write_metrics()
+        self.log(datasets.describe(self.data))
 
     def _train(self, signalled) -> None:
         """The epochs left: train, evaluate, save, pictures; stops with :class:`Interrupted` when ``signalled``."""
@@ -550,9 +603,13 @@ class Run:
         self.log(
             f"training {self.model.n_params:,} parameters "
             f"({cfg.latent_dim}-d latent, hidden {','.join(map(str, cfg.hidden))}, {cfg.activation}, {cfg.likelihood}) "
-            f"on {len(self.train_x):,} images, {objective}, {backend_name(self.xp)}/{cfg.dtype}, "
-            f"engine {self.engine.name}, out {self.out}"
+            f"on {len(self.train_x):,} examples, {objective}, {backend_name(self.xp)}/{cfg.dtype}, "
+            f"engine {self.engine.name}" + (f", out {self.out}" if self.out is not None else "")
         )
+        if cfg.likelihood != "bernoulli" and self.data.image_shape is not None:
+            self.log(f"note: the {cfg.likelihood} likelihood is a density: on grey levels in [0, 1] its losses are not "
+                     "probabilities and can fall below 0 (a learned variance shrinks on near-constant pixels); "
+                     "compare them only with each other (README: Which likelihood)")  # fmt: skip
         while self.epoch <= cfg.epochs:
             if signalled:  # arrived while the last epoch was evaluated and saved
                 raise Interrupted(signalled[0], self.epoch, self.step, self.out / CHECKPOINT)
@@ -572,11 +629,11 @@ class Run:
                     f"try a smaller --lr (now {cfg.lr}); the last good checkpoint is kept"
                 )
             row = {"epoch": self.epoch, **metrics, "test_loss": test["loss"],
-                   "recon": test["recon"], "kl": test["kl"]}  # fmt: skip
+                   "test_recon": test["recon"], "test_kl": test["kl"]}  # fmt: skip
             self.history.append(row)
             self.log(
                 f"epoch {self.epoch:3d}/{cfg.epochs}  train {row['train_loss']:8.3f}  "
-                f"test {row['test_loss']:8.3f} (recon {row['recon']:7.3f} + kl {row['kl']:6.3f})  "
+                f"test {row['test_loss']:8.3f} (recon {row['test_recon']:7.3f} + kl {row['test_kl']:6.3f})  "
                 f"{row['seconds']:6.1f} s  {row['examples_per_s']:8.0f} ex/s"
             )
             self.epoch, self.step, self.perm = self.epoch + 1, 0, None
@@ -587,6 +644,8 @@ class Run:
 
     def _write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history (so a resumed run never duplicates an epoch)."""
+        if self.out is None:
+            return
         text = "".join(json.dumps(row) + "\n" for row in self.history)
         atomic_write(self.out / METRICS, lambda f: f.write(text.encode("utf-8")))
 
@@ -594,28 +653,50 @@ class Run:
 
     def pictures(self) -> list:
         """Write samples, reconstructions, loss curves (and the 2-D latent pictures); returns notes."""
-        return write_pictures(self.model, self.out, self.test_x, self.test_y, self.history, self.cfg)
+        if self.out is None:
+            return []
+        return write_pictures(self.model, self.out, self.data, self.history, self.cfg)
 
 
-def write_pictures(model, out, test_x, test_y, history, cfg) -> list:
-    """The run folder's pictures; returns notes on how plots were rendered."""
+def write_pictures(model, out, data, history, cfg) -> list:
+    """The run folder's pictures (or arrays, for data that are not images); returns notes on how plots were rendered.
+
+    Image data (``data.image_shape`` set) get ``samples.png`` (100 samples)
+    and ``reconstructions.png`` (the first 40 test examples over their
+    reconstructions); other data get the same as arrays, ``samples.npy``
+    ``(100, D)`` and ``reconstructions.npy`` ``(2, 40, D)`` (originals,
+    reconstructions). Always ``loss.png``; for a 2-d latent space
+    ``latent.png`` (test codes, coloured by label where there are labels
+    0-9) and, for images, ``manifold.png``.
+    """
     out = Path(out)
     rng = Generator(cfg.seed, model.xp, stream=STREAM_PICTURES)
-    images.save_grid(out / "samples.png", model.sample(100, rng=rng), ncols=10)
+    samples = model.sample(100, rng=rng)
     rng_data = Generator(cfg.seed, np, stream=STREAM_EVAL_DATA)
-    x = next(D.float_batches(test_x[:40], cfg.binarize, rng_data, 40, model.dtype, model.xp))
-    images.save_reconstructions(out / "reconstructions.png", x, model.reconstruct(x), ncols=10)
+    x = next(D.float_batches(data.test[:40], cfg.binarize, rng_data, 40, model.dtype, model.xp))
+    shape = data.image_shape
+    if shape is not None:
+        images.save_grid(out / "samples.png", samples, ncols=10, shape=shape)
+        images.save_reconstructions(out / "reconstructions.png", x, model.reconstruct(x), ncols=10, shape=shape)
+    else:
+        pairs = np.stack([to_numpy(x), to_numpy(model.reconstruct(x))])
+        for name, a in (("samples.npy", to_numpy(samples)), ("reconstructions.npy", pairs)):
+            atomic_write(out / name, lambda f, a=a: np.save(f, a))
     notes = []
     if history:
         series = {"train (objective)": [r["train_loss"] for r in history],
                   "test (negative ELBO)": [r["test_loss"] for r in history]}  # fmt: skip
         notes.append(images.plot_curves(out / "loss.png", series, title="loss per example"))
     if model.latent_dim == 2:
-        n = 20
-        images.save_grid(out / "manifold.png", model.decode(images.latent_grid(n)), ncols=n)
-        xs = to_device(test_x[:5000].astype(model.dtype) / 255, model.xp)
+        if shape is not None:
+            n = 20
+            images.save_grid(out / "manifold.png", model.decode(images.latent_grid(n)), ncols=n, shape=shape)
+        xs = next(D.float_batches(data.test[:5000], "none", None, 5000, model.dtype, model.xp))
         codes = to_numpy(model.encode(xs)[0])
-        notes.append(images.plot_latent(out / "latent.png", codes, test_y[:5000], title="test codes (mean of q)"))
+        labels = data.test_labels
+        if labels is None or labels.min() < 0 or labels.max() > 9:
+            labels = np.zeros(len(data.test), dtype=np.int64)  # one colour
+        notes.append(images.plot_latent(out / "latent.png", codes, labels[:5000], title="test codes (mean of q)"))
     return notes
 
 

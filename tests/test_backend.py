@@ -178,7 +178,7 @@ def test_generator_is_deterministic_per_seed_and_stream(backend, xp, dtype):
 
 def test_every_use_of_a_seed_has_a_stream_of_its_own():
     streams = {name: value for name, value in vars(scratchvae.rng).items() if name.startswith("STREAM_")}
-    assert len(streams) == 8, sorted(streams)
+    assert len(streams) == 9, sorted(streams)
     assert len(set(streams.values())) == len(streams), streams
 
 

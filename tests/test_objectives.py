@@ -249,7 +249,7 @@ def test_kl_warmup_ramps_beta_per_step_and_the_gradient_follows(tmp_path):
     assert [r["beta"] for r in rows] == [0.5 * 3 / 8, 0.5 * 7 / 8, 0.5] and rows == history
     for e in range(3):
         assert rows[e]["train_loss"] == pytest.approx(np.mean([c[4] for c in calls[4 * e : 4 * e + 4]]), rel=1e-9)
-        assert rows[e]["test_loss"] == pytest.approx(rows[e]["recon"] + rows[e]["kl"], rel=1e-9)  # test: the ELBO
+        assert rows[e]["test_loss"] == pytest.approx(rows[e]["test_recon"] + rows[e]["test_kl"], rel=1e-9)  # test: the ELBO
     meta = load_checkpoint(tmp_path / "run" / CHECKPOINT).meta["train"]
     assert (meta["objective"], meta["k"], meta["beta"], meta["kl_warmup"]) == ("elbo", 1, 0.5, 2)
     # the gradient of step t is that of recon + beta_t * KL: the KL's share is absent at t = 0

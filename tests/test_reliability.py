@@ -130,7 +130,7 @@ def assert_same_as_reference(out, reference):
     rows = metrics_rows(out)
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     for row, ref in zip(rows, reference["history"]):
-        for key in ("train_loss", "train_recon", "train_kl", "test_loss", "recon", "kl"):
+        for key in ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl"):
             assert row[key] == ref[key], (row["epoch"], key)
 
 

@@ -30,14 +30,14 @@ def test_short_run_writes_metrics_checkpoint_and_pictures(tmp_path):
     out = tmp_path / "run"
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    for key in ("epoch", "train_loss", "test_loss", "recon", "kl", "seconds", "examples_per_s"):
+    for key in ("epoch", "train_loss", "test_loss", "test_recon", "test_kl", "seconds", "examples_per_s"):
         assert all(key in r for r in rows), key
     assert rows == history
     # the loss falls over three epochs on real digits, and the parts add up
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 20
     for r in rows:
-        assert r["test_loss"] == pytest.approx(r["recon"] + r["kl"], rel=1e-9)
-        assert r["kl"] > 0
+        assert r["test_loss"] == pytest.approx(r["test_recon"] + r["test_kl"], rel=1e-9)
+        assert r["test_kl"] > 0
     for name in ("checkpoint.npz", "samples.png", "reconstructions.png", "loss.png"):
         assert (out / name).stat().st_size > 0, name
     assert not (out / "manifold.png").exists()  # only for a 2-d latent space
