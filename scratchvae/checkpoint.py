@@ -15,6 +15,7 @@ crash during a write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -186,3 +187,20 @@ def restore_model(ckpt: Checkpoint, backend=None):
         raise CheckpointError("checkpoint parameters contain NaN or inf")
     model.params[...] = to_device(ckpt.params, model.xp, dtype=model.dtype)
     return model
+
+
+def image_shape_of(meta: dict):
+    """The ``(height, width)`` of one example a checkpoint records, or None (28x28 for checkpoints of MNIST runs)."""
+    data = meta.get("data")
+    if isinstance(data, dict):
+        shape = data.get("image_shape")
+        if (
+            isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)
+            and math.prod(shape) == meta["model"].get("input_dim")
+        ):  # fmt: skip
+            return tuple(shape)
+        return None
+    train = meta.get("train")  # written before checkpoints recorded their data: MNIST runs
+    if isinstance(train, dict) and meta["model"].get("input_dim") == 784:
+        return (28, 28)
+    return None

@@ -409,7 +409,7 @@ def cmd_sample(args) -> int:
 
     from . import images
     from .backend import to_numpy
-    from .estimator import image_shape_of
+    from .checkpoint import image_shape_of
     from .files import atomic_write
     from .rng import STREAM_SAMPLE, Generator
 

@@ -15,7 +15,6 @@ same checkpoints, ``metrics.jsonl``, pictures and exact ``resume``.
 
 from __future__ import annotations
 
-import math
 import secrets
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from . import datasets
 from .backend import backend_name, to_numpy
-from .checkpoint import CheckpointError, load_checkpoint, restore_model, save_checkpoint
+from .checkpoint import CheckpointError, image_shape_of, load_checkpoint, restore_model, save_checkpoint
 from .data import float_batches
 from .evaluate import evaluate_elbo
 from .rng import STREAM_SAMPLE, Generator
@@ -208,23 +207,6 @@ class VAEEstimator:
         history = ckpt.meta.get("history")
         history = history if isinstance(history, list) and all(isinstance(r, dict) for r in history) else []
         return cls.from_model(model, history, image_shape_of(ckpt.meta))
-
-
-def image_shape_of(meta: dict):
-    """The ``(height, width)`` of one example a checkpoint records, or None (28x28 for checkpoints of MNIST runs)."""
-    data = meta.get("data")
-    if isinstance(data, dict):
-        shape = data.get("image_shape")
-        if (
-            isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)
-            and math.prod(shape) == meta["model"].get("input_dim")
-        ):  # fmt: skip
-            return tuple(shape)
-        return None
-    train = meta.get("train")  # written before checkpoints recorded their data: MNIST runs
-    if isinstance(train, dict) and meta["model"].get("input_dim") == 784:
-        return (28, 28)
-    return None
 
 
 def load(path, backend=None) -> VAEEstimator:

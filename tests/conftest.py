@@ -32,6 +32,23 @@ BACKENDS = [
     ),
 ]
 
+_CUPY_NOT_RUN = []  # the cupy cases left out of this run (see pytest_collection_modifyitems)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a usable cupy, the cupy case of every backend-parametrised test is left out, and the summary says
+    so in one line (instead of one "skipped" line per test)."""
+    if _CUPY_OK:
+        return
+    kept = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        (_CUPY_NOT_RUN if params.get("backend") == "cupy" else kept).append(item)
+    if _CUPY_NOT_RUN:
+        config.hook.pytest_deselected(items=list(_CUPY_NOT_RUN))
+        items[:] = kept
+
+
 # Per-dtype tolerances for comparing a computation in that dtype with its float64 reference.
 DTYPE_RTOL = {"float32": 2e-4, "float64": 1e-10}
 
@@ -89,6 +106,9 @@ def record_gradcheck():
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _CUPY_NOT_RUN:
+        terminalreporter.write_line(f"{len(_CUPY_NOT_RUN)} cupy test cases not run (deselected): cupy backend "
+                                    f"unavailable: {_CUPY_WHY}")  # fmt: skip
     if not _GRADCHECK_WORST:
         return
     terminalreporter.section("worst gradient-check relative error per check")
