@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels and an image_shape used if present); or a folder of IDX files such as Fashion-MNIST "
                         "or EMNIST. uint8 data are grey levels (scaled by 1/255), other numbers are used as they are. "
                         "Without a test set, --validation of the examples is held out")  # fmt: skip
-    t.add_argument("--validation", type=fraction, default=0.1,
+    t.add_argument("--validation", type=fraction, default=None,
                    help="the fraction of --data held out (drawn with --seed) as the test set when the data have none "
                         "(default 0.1)")  # fmt: skip
     t.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set (default 10)")
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numpy (CPU), cupy (NVIDIA GPU) or auto; default: $SCRATCHVAE_BACKEND or numpy")  # fmt: skip
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="floating-point type (default float32)")
     t.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random stream of the run (default 0)")
-    t.add_argument("--out", default="runs/mnist", help="run folder for metrics, checkpoint and pictures (default runs/mnist)")
+    t.add_argument("--out", default=None, help="run folder for metrics, checkpoint and pictures (default runs/mnist, "
+                   "or runs/NAME for --data NAME.npy)")  # fmt: skip
     t.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run, deleting its checkpoint, metrics and pictures "
                         "(without it, such a folder is refused)")  # fmt: skip
@@ -288,14 +289,16 @@ def cmd_train(args) -> int:
     if args.threads is not None and args.threads > cpu_count():
         raise UsageError(f"--threads {args.threads} is more than the {cpu_count()} CPUs this process may use; "
                          f"give at most {cpu_count()}")  # fmt: skip
+    if args.validation is not None and args.data is None:
+        raise UsageError("--validation holds out part of --data as a test set; MNIST has a test set of its own")
     cfg = TrainConfig(
-        data_dir=args.data_dir, data=args.data, validation=args.validation, epochs=args.epochs,
+        data_dir=args.data_dir, data=args.data, validation=args.validation or 0.1, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, hidden=tuple(args.hidden), latent_dim=args.latent_dim, activation=args.activation,
         init=args.init,
         likelihood=args.likelihood, binarize=args.binarize, objective=args.objective, k=args.k, beta=args.beta,
         kl_warmup=args.kl_warmup, backend=args.backend, dtype=args.dtype,
-        seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite, train_size=args.train_size,
+        seed=args.seed, out=args.out or default_out(args.data), resume=args.resume, overwrite=args.overwrite, train_size=args.train_size,
         test_size=args.test_size, checkpoint_every=args.checkpoint_every, engine=args.engine, threads=args.threads,
     )  # fmt: skip
     history = train(cfg, progress=progress_factory(args.progress))
@@ -311,6 +314,11 @@ def cmd_train(args) -> int:
     print(f"pictures in {out}/: {', '.join(pics)}; metrics in {out / 'metrics.jsonl'}")
     print(f"evaluate with: scratchvae evaluate {out} --iwae-k 1000 --n-test 2000")
     return 0
+
+
+def default_out(data) -> str:
+    """``runs/mnist``, or ``runs/<name>`` for ``--data <name>.npz`` (or a folder ``<name>``)."""
+    return "runs/mnist" if data is None else f"runs/{Path(data).resolve().stem or 'data'}"
 
 
 def checkpoint_file(path) -> Path:

@@ -154,6 +154,11 @@ class TrainConfig:
             raise ValueError(f"unknown binarize {self.binarize!r}; choose one of {', '.join(D.BINARIZE)}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.data is not None and self.data_dir is not None:
+            raise ValueError(f"data_dir (--data-dir) is MNIST's folder and data (--data) another data set: give one "
+                             f"of them, not both (got {self.data_dir!r} and {self.data!r})")  # fmt: skip
+        if not (isinstance(self.validation, float) and 0 < self.validation < 1):
+            raise ValueError(f"validation must be a fraction between 0 and 1, got {self.validation!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite deletes it and starts over")
@@ -500,7 +505,7 @@ class Run:
                 self.stats.add(b, loss, float(o.recon), float(o.kl))
             pending.clear()
             if bar:
-                bar.update(min(self.step * bs, n), self.stats.loss / max(self.stats.n, 1))
+                bar.update(self.stats.n, self.stats.loss / max(self.stats.n, 1))  # the examples done so far
 
         engine = self.engine
         try:

@@ -343,6 +343,16 @@ def test_resuming_on_other_data_and_a_model_of_another_size_are_one_line(runs):
                    "has 64 features per example, but the model in lib.npz takes 10")  # fmt: skip
     one_line_error(cli("train", "--data", "ten.npy", "--out", "b", cwd=d), "the bernoulli likelihood needs values in [0, 1]",
                    "--likelihood gaussian")  # fmt: skip
+    one_line_error(cli("train", "--data", "ten.npy", "--data-dir", d, "--out", "b", cwd=d), "give one of them, not both")
+    one_line_error(cli("train", "--validation", 0.2, "--out", "b", cwd=d), "MNIST has a test set of its own")
+    assert not (d / "b").exists()
+
+
+def test_a_run_on_a_data_file_goes_to_a_folder_named_after_it(runs):
+    d, _ = runs
+    proc = cli("train", "--data", "ten.npy", "--likelihood", "gaussian", "--hidden", 8, "--epochs", 1, cwd=d)
+    assert proc.returncode == 0, proc.stderr
+    assert "out runs/ten" in proc.stdout and (d / "runs" / "ten" / "checkpoint.npz").exists()
 
 
 def test_old_metric_names_are_read_as_the_new_ones():
