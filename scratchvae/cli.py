@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -497,6 +498,9 @@ def _main(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader of our output went away (`... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        return 128 + 13  # SIGPIPE's status
     except UsageError as exc:
         print(f"scratchvae: error: {exc} (see scratchvae --help)", file=sys.stderr)
         return EXIT_USAGE

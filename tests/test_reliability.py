@@ -1156,3 +1156,12 @@ def test_pairs_of_runs_in_one_folder_never_lose_or_mix_a_run(first, second, late
     assert final.meta["train"]["latent_dim"] in winners
     if final.meta["train"]["latent_dim"] == 4:
         assert_same_as_reference(out, reference)
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """``scratchvae train | head -1``: once the reader is gone, the run stops with SIGPIPE's status and no message."""
+    proc = start_train(tmp_path / "run")
+    proc.stdout.close()  # the reader goes away before the first line
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE, stderr
+    assert stderr == ""
