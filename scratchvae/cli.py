@@ -144,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="p(x|z): bernoulli from logits, gaussian with unit variance, or gaussian_learned "
                         "with a per-pixel log-variance (default bernoulli)")  # fmt: skip
     t.add_argument("--binarize", choices=BINARIZE, default="none",
-                   help="none: grey levels as targets; dynamic: a fresh Bernoulli sample of each image every time "
-                        "it is used (standard for reported likelihoods); static: thresholded once (default none)")  # fmt: skip
+                   help="how grey levels become inputs. none: u/255; dynamic: a fresh Bernoulli sample of each "
+                        "image every time it is used (standard for reported likelihoods); static: thresholded once; "
+                        "dequantize: (u + v)/256 with fresh uniform v, for the gaussian likelihoods on 8-bit images "
+                        "(default none)")  # fmt: skip
     t.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
                    help="elbo: negative ELBO with one sample and the analytic KL (weighted by --beta); "
                         "iwae: negative importance-weighted bound log 1/K sum_k p(x,z_k)/q(z_k|x) with --k "

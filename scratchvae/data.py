@@ -471,7 +471,7 @@ def load_mnist(data_dir=None, download: bool = True, verify: bool = True) -> MNI
 # Binarization, one batch at a time.
 # --------------------------------------------------------------------------------------
 
-BINARIZE = ("none", "dynamic", "static")
+BINARIZE = ("none", "dynamic", "static", "dequantize")  # how grey levels u become model inputs x
 
 
 def _check_uint8(images, name: str) -> None:
@@ -505,10 +505,16 @@ def to_float_batch(images_u8, binarize: str, rng=None, dtype=np.float32, out=Non
     .. math::
         \text{none:}\ x = u/255 \in [0, 1], \qquad
         \text{static:}\ x = [u > 127] \in \{0, 1\}, \qquad
-        \text{dynamic:}\ x = [\,v < u/255\,],\ v \sim U[0, 1)
+        \text{dynamic:}\ x = [\,v < u/255\,],\qquad
+        \text{dequantize:}\ x = (u + v)/256, \qquad v \sim U[0, 1)
 
     so a dynamic pixel is 1 with probability :math:`u/255` and a fresh sample
-    is drawn at every call ("dynamic binarization"). For
+    is drawn at every call ("dynamic binarization"). ``dequantize`` spreads
+    each grey level uniformly over its bin :math:`[u/256, (u+1)/256)` (again
+    freshly at every call), so a continuous density (the Gaussian
+    likelihoods) cannot pile up on the 256 levels: its negative
+    log-likelihood plus :math:`D\ln 256` bounds the grey levels' own
+    negative log-probability from above (Theis et al., 2016). For
     ``static`` the set is normally thresholded once up front with
     :func:`static_binarize`, where this is exactly ``u/255``; thresholding
     here too makes a forgotten up-front step harmless.
@@ -517,9 +523,9 @@ def to_float_batch(images_u8, binarize: str, rng=None, dtype=np.float32, out=Non
     ----------
     images_u8 : uint8 array ``(batch, 784)`` (any shape works)
         NumPy, or CuPy together with a CuPy generator.
-    binarize : {"none", "dynamic", "static"}
+    binarize : {"none", "dynamic", "static", "dequantize"}
     rng : scratchvae.rng.Generator
-        Source of :math:`v` (``rng.uniform(shape, dtype)``); needed for ``dynamic`` only.
+        Source of :math:`v` (``rng.uniform(shape, dtype)``); needed for ``dynamic`` and ``dequantize``.
     dtype : float dtype
     out : float array ``images_u8.shape`` of ``dtype``, optional
         Written in place and returned, to reuse one buffer across batches.
@@ -537,8 +543,8 @@ def to_float_batch(images_u8, binarize: str, rng=None, dtype=np.float32, out=Non
     if binarize not in BINARIZE:
         raise ValueError(f"unknown binarize {binarize!r}; choose one of {', '.join(BINARIZE)}")
     _check_uint8(images_u8, "images_u8")
-    if binarize == "dynamic" and rng is None:
-        raise ValueError("binarize='dynamic' needs a random generator rng")
+    if binarize in ("dynamic", "dequantize") and rng is None:
+        raise ValueError(f"binarize={binarize!r} needs a random generator rng")
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
@@ -554,6 +560,10 @@ def to_float_batch(images_u8, binarize: str, rng=None, dtype=np.float32, out=Non
         xp.greater(images_u8, 127, out=out)  # the bool result is stored as 0.0 / 1.0
         return out
     out[...] = images_u8
+    if binarize == "dequantize":
+        out += rng.uniform(out.shape, dtype)
+        out /= 256
+        return out
     out /= 255  # exact u/255, correctly rounded in dtype
     if binarize == "dynamic":
         xp.less(rng.uniform(out.shape, dtype), out, out=out)  # P(1) = u/255

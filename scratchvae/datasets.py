@@ -294,6 +294,9 @@ def prepare(ds: Dataset, *, likelihood: str, binarize: str, train_size=None, tes
     train, test = ds.train[:train_size], ds.test[:test_size]
     train_labels = None if ds.train_labels is None else ds.train_labels[:train_size]
     test_labels = None if ds.test_labels is None else ds.test_labels[:test_size]
+    if binarize == "dequantize" and train.dtype != np.uint8:
+        raise DataError(f"{ds.source}: binarize=dequantize spreads uint8 grey levels over their bins; these data are "
+                        f"{train.dtype}, not grey levels")  # fmt: skip
     if train.dtype.kind == "f" and (likelihood == "bernoulli" or binarize != "none"):
         lo, hi = min(train.min(), test.min()), max(train.max(), test.max())
         if lo < 0 or hi > 1:

@@ -611,10 +611,10 @@ class Run:
             f"on {len(self.train_x):,} examples, {objective}, {backend_name(self.xp)}/{cfg.dtype}, "
             f"engine {self.engine.name}" + (f", out {self.out}" if self.out is not None else "")
         )
-        if cfg.likelihood != "bernoulli" and self.data.image_shape is not None:
+        if cfg.likelihood != "bernoulli" and self.data.image_shape is not None and cfg.binarize != "dequantize":
             self.log(f"note: the {cfg.likelihood} likelihood is a density: on grey levels in [0, 1] its losses are not "
                      "probabilities and can fall below 0 (a learned variance shrinks on near-constant pixels); "
-                     "compare them only with each other (README: Which likelihood)")  # fmt: skip
+                     "--binarize dequantize makes them bounds in nats (README: Which likelihood)")  # fmt: skip
         while self.epoch <= cfg.epochs:
             if signalled:  # arrived while the last epoch was evaluated and saved
                 raise Interrupted(signalled[0], self.epoch, self.step, self.out / CHECKPOINT)

@@ -466,11 +466,26 @@ def test_binarize_argument_errors():
         D.to_float_batch(grey.astype(np.float32), "none", None)
     with pytest.raises(ValueError, match="uint8"):
         D.static_binarize(grey.astype(np.int16))
-    with pytest.raises(ValueError, match="needs a random generator"):
-        D.to_float_batch(grey, "dynamic", None)
+    for binarize in ("dynamic", "dequantize"):
+        with pytest.raises(ValueError, match="needs a random generator"):
+            D.to_float_batch(grey, binarize, None)
     with pytest.raises(ValueError, match="shape"):
         D.to_float_batch(grey, "none", None, out=np.empty((8, 783), np.float32))
     with pytest.raises(ValueError, match="dtype"):
         D.to_float_batch(grey, "none", None, dtype=np.float64, out=np.empty(grey.shape, np.float32))
-    assert D.BINARIZE == ("none", "dynamic", "static")
+    assert D.BINARIZE == ("none", "dynamic", "static", "dequantize")
 
+
+
+def test_dequantize_spreads_each_grey_level_uniformly_over_its_bin():
+    from scratchvae.rng import Generator
+
+    u = np.repeat(np.array([0, 1, 127, 254, 255], np.uint8)[:, None], 20000, axis=1)
+    x = D.to_float_batch(u, "dequantize", Generator(0), np.float64)
+    lo, hi = u / 256, (u.astype(np.float64) + 1) / 256
+    assert ((x >= lo) & (x < hi)).all()
+    width = 1 / 256  # mean (u + 1/2)/256 and variance width^2/12 of a uniform draw in the bin
+    np.testing.assert_allclose(x.mean(axis=1), (u[:, 0] + 0.5) / 256, atol=4 * width / np.sqrt(12 * 20000))
+    np.testing.assert_allclose(x.var(axis=1), np.full(5, width**2 / 12), rtol=0.05)
+    again = D.to_float_batch(u, "dequantize", Generator(0), np.float64)
+    assert np.array_equal(again, x) and not np.array_equal(D.to_float_batch(u, "dequantize", Generator(1)), x)

@@ -120,6 +120,8 @@ def test_the_bernoulli_likelihood_refuses_data_outside_0_1_and_static_thresholds
         datasets.prepare(ds, likelihood="bernoulli", binarize="none")
     kept = datasets.prepare(ds, likelihood="gaussian", binarize="none").train
     assert np.shares_memory(kept, ds.train) and np.array_equal(kept, ds.train)  # no copy
+    with pytest.raises(DataError, match="binarize=dequantize spreads uint8 grey levels over their bins"):
+        datasets.prepare(ds, likelihood="gaussian", binarize="dequantize")
     grey = datasets.from_arrays(np.array([[0.2, 0.7], [0.5, 0.51], [1.0, 0.0]]), np.array([[0.6, 0.4]]))
     static = datasets.prepare(grey, likelihood="bernoulli", binarize="static")
     assert static.train.tolist() == [[0, 1], [0, 1], [1, 0]] and static.test.tolist() == [[1, 0]]
