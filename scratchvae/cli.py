@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--engine", choices=ENGINES, default="auto",
                    help="how a training step runs: reference is the textbook code (loss_and_grad, then the "
                         "optimiser's step), cpu the same arithmetic in kept buffers and in place, split over "
-                        "threads (numpy only); auto is cpu on numpy, reference on cupy. Engines differ by "
-                        "rounding only (default auto)")  # fmt: skip
+                        "threads (numpy only); gpu fused CUDA kernels with noise that resumes exactly (cupy only; "
+                        "new, opt-in); auto is cpu on numpy, reference on cupy. Engines differ by rounding only "
+                        "(default auto)")  # fmt: skip
     t.add_argument("--threads", type=positive_int, default=None,
                    help="threads of each training step of the cpu engine: the batch is split over them by rows, "
                         "and BLAS runs on one thread in each (default: one per CPU, at most 8, where numpy's BLAS "

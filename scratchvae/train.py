@@ -582,7 +582,7 @@ class Run:
                 self.restore()
                 self.log(f"resuming {self.out} at epoch {self.epoch}, step {self.step} "
                          f"(steps on {self.engine.threads} thread{'s' if self.engine.threads > 1 else ''})")
-                if self.xp is not np:
+                if self.xp is not np and self.engine.name != "gpu":
                     self.log("note: on the GPU the noise generator restarts from the seed, so the resumed run "
                              "is equivalent but not bitwise identical to an uninterrupted one")  # fmt: skip
             else:

@@ -105,7 +105,7 @@ def test_help_explains_every_flag():
         (["train", "--backend", "tpu"], "--backend"),
         (["train", "--dtype", "float16"], "--dtype"),
         (["train", "--seed", "-3"], "--seed"),
-        (["train", "--engine", "gpu"], "--engine"),
+        (["train", "--engine", "tpu"], "--engine"),
         (["frobnicate"], "frobnicate"),
         ([], "required"),
     ],

@@ -243,7 +243,7 @@ def test_column_major_input_gradients_where_layers_are_wide_and_rows_few(rows, w
 
 def test_auto_is_the_cpu_engine_on_numpy():
     m = make_model()
-    assert ENGINES == ("auto", "reference", "cpu")
+    assert ENGINES == ("auto", "reference", "cpu", "gpu")  # gpu: CuPy only, never chosen by auto
     assert engine_name("auto", m) == "cpu"
     assert isinstance(make_engine("auto", m, sv.Adam(m)), CPUEngine)
     assert isinstance(make_engine("reference", m, sv.Adam(m)), ReferenceEngine)
@@ -274,7 +274,7 @@ def test_engines_refuse_what_they_cannot_run(engine):
     with pytest.raises(ValueError, match="autoencoder trains on its squared error"):
         make_engine(engine, ae, sv.Adam(ae), objective="iwae", k=2)
     with pytest.raises(ValueError, match="unknown engine"):
-        make_engine("gpu", m, o)
+        make_engine("tpu", m, o)
     runs = make_engine(engine, ae, sv.Adam(ae))
     with pytest.raises(ValueError, match="beta"):
         runs.step(batch(4), beta=0.5)

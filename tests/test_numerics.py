@@ -45,7 +45,7 @@ def test_without_the_bound_float32_overflows_as_documented(backend, xp):
 @pytest.mark.parametrize("scale", [1e3, 1e6])
 def test_huge_logits_give_finite_bernoulli_loss_and_gradients(backend, xp, scale):
     model = VAE(16, (8,), 3, backend=backend, dtype="float32", seed=0)
-    model.decoder.dense[-1].b[:] = scale * np.where(np.arange(16) % 2, 1.0, -1.0)
+    model.decoder.dense[-1].b[:] = to_device(scale * np.where(np.arange(16) % 2, 1.0, -1.0), xp, "float32")
     x = to_device((np.random.default_rng(0).random((5, 16)) > 0.5).astype(np.float32), xp, "float32")
     out = model.loss_and_grad(x)
     assert np.isfinite(float(out.loss))

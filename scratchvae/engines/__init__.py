@@ -17,6 +17,9 @@ and ``optimizer.step()``. The engines:
                passes (:mod:`~scratchvae.engines.fused`), the batch split over threads
                by rows, BLAS held to one thread per thread
                (:mod:`~scratchvae.engines.blas`)
+``gpu``        :mod:`~scratchvae.engines.gpu`: CuPy only; kept buffers and fused CUDA
+               kernels (:mod:`~scratchvae.engines.gpu_kernels`), counter-based noise;
+               opt-in until a GPU run has checked it against the reference
 ``auto``       ``cpu`` on NumPy, ``reference`` on CuPy
 =============  ==========================================================================
 
@@ -29,9 +32,10 @@ from __future__ import annotations
 import numpy as np
 
 from .cpu import CPUEngine
+from .gpu import GPUEngine
 from .reference import ReferenceEngine
 
-ENGINES = ("auto", "reference", "cpu")
+ENGINES = ("auto", "reference", "cpu", "gpu")
 
 
 def engine_name(name, model) -> str:
@@ -48,7 +52,7 @@ def make_engine(name, model, optimizer, *, objective="elbo", k=1, threads=None):
 
     Parameters
     ----------
-    name : {"auto", "reference", "cpu"}
+    name : {"auto", "reference", "cpu", "gpu"}
     model : VAE or Autoencoder
     optimizer : Adam or SGD
     objective : {"elbo", "iwae"}
@@ -62,9 +66,11 @@ def make_engine(name, model, optimizer, *, objective="elbo", k=1, threads=None):
     """
     if engine_name(name, model) == "cpu":
         return CPUEngine(model, optimizer, objective=objective, k=k, threads=threads)
+    if name == "gpu":
+        return GPUEngine(model, optimizer, objective=objective, k=k, threads=threads)
     if threads not in (None, 1):
         raise ValueError(f"threads (here {threads!r}) apply to engine 'cpu'; engine 'reference' runs on one thread")
     return ReferenceEngine(model, optimizer, objective=objective, k=k)
 
 
-__all__ = ["ENGINES", "engine_name", "make_engine", "CPUEngine", "ReferenceEngine"]
+__all__ = ["ENGINES", "engine_name", "make_engine", "CPUEngine", "GPUEngine", "ReferenceEngine"]
