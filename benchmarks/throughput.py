@@ -295,7 +295,12 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None
 
 
 def _torch_worker(conn, device, threads, min_time, warmup, roofline_time):
-    """Worker for the PyTorch reference model on ``device`` ("cpu" or "cuda")."""
+    """Worker for the PyTorch reference model on ``device``: "cpu", "cuda" (eager) or "cuda-graph".
+
+    "cuda-graph" captures the whole step (forward, backward, Adam with
+    ``capturable=True``) as one CUDA graph after a warm-up on a side stream,
+    and replays it: PyTorch's fastest way to run a small model's step.
+    """
     use_checkout()
     import numpy as np
     import torch
@@ -303,6 +308,8 @@ def _torch_worker(conn, device, threads, min_time, warmup, roofline_time):
     from scratchvae.data import load_mnist, to_float_batch
     from torch_vae import TorchVAE, set_threads, torch_info
 
+    graph = device == "cuda-graph"
+    label, device = device, ("cuda" if graph else device)
     if device == "cuda" and not torch.cuda.is_available():
         serve(conn, {"info": lambda: {"unavailable": "this torch build sees no CUDA device"}})
         return
@@ -314,19 +321,30 @@ def _torch_worker(conn, device, threads, min_time, warmup, roofline_time):
 
     def make_step(batch):
         model = TorchVAE(INPUT_DIM, HIDDEN, LATENT).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
+        opt = torch.optim.Adam(model.parameters(), lr=LR, capturable=graph)
         x = torch.from_numpy(to_float_batch(images[:batch], "none", dtype=np.float32)).to(device)
 
         def step():
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not graph)  # a graph replays into the same gradient buffers
             loss = model(x)
             loss.backward()
             opt.step()
 
-        return step
+        if not graph:
+            return step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: autograd and Adam allocate their state
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+        return captured.replay
 
     def info():
-        out = {"impl": f"torch-{device}", "backend": "torch", **torch_info(device)}
+        out = {"impl": f"torch-{label}", "backend": "torch", **torch_info(device)}
         out["device"] = out.get("device_name") or cpu_model()
         return out
 
@@ -339,6 +357,97 @@ def _torch_worker(conn, device, threads, min_time, warmup, roofline_time):
     layers = [(INPUT_DIM, HIDDEN), (HIDDEN, 2 * LATENT), (LATENT, HIDDEN), (HIDDEN, INPUT_DIM)]
     cases = _Cases(sync, min_time, warmup)
     handlers = _common_handlers(cases, torch.mm, empty, rand, layers, roofline_time, device == "cuda")
+    handlers["info"] = info
+    handlers["step"] = lambda batch: cases.time(("step", batch), lambda: make_step(batch))
+    serve(conn, handlers)
+
+
+def _jax_worker(conn, device, min_time, warmup, roofline_time):
+    """Worker for the same step in JAX on ``device`` ("cpu" or "gpu"): forward, ``jax.grad`` and Adam in one ``jit``.
+
+    The model, loss and Adam are scratchvae's defaults (784-400-20, ReLU, Bernoulli from logits, analytic KL,
+    ``nn.Linear``'s initialisation, Adam 1e-3); matmuls at precision "highest", so float32 throughout (no TF32).
+    """
+    use_checkout()
+    import numpy as np
+
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError as exc:
+        serve(conn, {"info": lambda: {"unavailable": f"jax is not importable ({exc})"}})
+        return
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        dev = jax.devices(device)[0]
+    except RuntimeError as exc:
+        serve(conn, {"info": lambda: {"unavailable": f"jax sees no {device} device ({exc})"}})
+        return
+    from scratchvae.data import load_mnist, to_float_batch
+
+    images = load_mnist().train_images
+    b1, b2, adam_eps = 0.9, 0.999, 1e-8
+    sizes = [(INPUT_DIM, HIDDEN), (HIDDEN, 2 * LATENT), (LATENT, HIDDEN), (HIDDEN, INPUT_DIM)]
+    last = [None]  # the newest result: waiting for it waits for every step before it
+
+    def sync():
+        if last[0] is not None:
+            jax.block_until_ready(last[0])
+
+    def loss_fn(params, x, key):
+        (w1, c1), (w2, c2), (w3, c3), (w4, c4) = params
+        enc = jax.nn.relu(x @ w1 + c1) @ w2 + c2
+        mu, log_var = enc[:, :LATENT], enc[:, LATENT:]
+        z = mu + jnp.exp(0.5 * log_var) * jax.random.normal(key, mu.shape, mu.dtype)
+        logits = jax.nn.relu(z @ w3 + c3) @ w4 + c4
+        recon = (jnp.maximum(logits, 0) - x * logits + jnp.log1p(jnp.exp(-jnp.abs(logits)))).sum(axis=1)
+        kl = -0.5 * (1.0 + log_var - mu * mu - jnp.exp(log_var)).sum(axis=1)
+        return (recon + kl).mean()
+
+    def train_step(params, m, v, t, x, key):
+        key, sub = jax.random.split(key)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, sub)
+        t = t + 1
+        m = jax.tree_util.tree_map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grads)
+        v = jax.tree_util.tree_map(lambda v_, g: b2 * v_ + (1 - b2) * g * g, v, grads)
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        params = jax.tree_util.tree_map(lambda p_, m_, v_: p_ - LR * (m_ / bc1) / (jnp.sqrt(v_ / bc2) + adam_eps),
+                                        params, m, v)  # fmt: skip
+        return params, m, v, t, key, loss
+
+    jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    rng = np.random.default_rng(0)
+
+    def make_step(batch):
+        params = []
+        for n_in, n_out in sizes:  # W, b ~ U(+-1/sqrt(n_in)), nn.Linear's default
+            a = 1 / np.sqrt(n_in)
+            params.append(tuple(rng.uniform(-a, a, shape).astype(np.float32) for shape in ((n_in, n_out), (n_out,))))
+        params = jax.device_put(params, dev)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        state = [params, zeros, jax.tree_util.tree_map(jnp.zeros_like, params), jnp.float32(0)]
+        key = jax.device_put(jax.random.PRNGKey(0), dev)
+        x = jax.device_put(to_float_batch(images[:batch], "none", dtype=np.float32), dev)
+        holder = [key]
+
+        def step():
+            *state[:4], holder[0], loss = jitted(*state[:4], x, holder[0])
+            last[0] = loss
+
+        return step
+
+    def info():
+        return {"impl": f"jax-{device}", "backend": "jax", "jax": jax.__version__, "device": str(dev.device_kind),
+                "platform": dev.platform}  # fmt: skip
+
+    def rand(shape):
+        return jax.device_put(rng.random(shape, dtype=np.float32), dev)
+
+    def matmul(a, b, out=None):  # JAX writes no output buffers: the result is kept for sync()
+        last[0] = jnp.matmul(a, b)
+
+    cases = _Cases(sync, min_time, warmup)
+    handlers = _common_handlers(cases, matmul, lambda shape: None, rand, sizes, roofline_time, device == "gpu")
     handlers["info"] = info
     handlers["step"] = lambda batch: cases.time(("step", batch), lambda: make_step(batch))
     serve(conn, handlers)
@@ -403,9 +512,9 @@ def _positive_ints(text):
 
 def _engines(text):
     names = [v.strip().lower() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in ("auto", "reference", "cpu")]
+    bad = [n for n in names if n not in ("auto", "reference", "cpu", "gpu")]
     if not names or bad:
-        raise argparse.ArgumentTypeError(f"engines are auto, reference or cpu, got {text!r}")
+        raise argparse.ArgumentTypeError(f"engines are auto, reference, cpu or gpu, got {text!r}")
     return list(dict.fromkeys(names))
 
 
@@ -462,8 +571,8 @@ def parse_args(argv=None):
                    help="seconds per matmul shape and round when measuring the peak rate (default: %(default)s)")  # fmt: skip
     p.add_argument("--engines", type=_engines, default=["auto"], metavar="NAME,...",
                    help="scratchvae engines to time, each in a worker of its own: auto (the trainer's: cpu on numpy, "
-                        "reference on cupy), reference (the textbook step) or cpu (default: auto); with several, "
-                        "workers are named scratchvae-BACKEND-ENGINE")  # fmt: skip
+                        "reference on cupy), reference (the textbook step), cpu (numpy) or gpu (cupy) (default: "
+                        "auto); with several, workers are named scratchvae-BACKEND-ENGINE")  # fmt: skip
     p.add_argument("--threads", type=_positive_ints, default=None, metavar="N,N,...",
                    help="threads of the cpu engine's training step (default: its own choice, one per CPU, at most 8); "
                         "several values time one worker each, named ...-tN")  # fmt: skip
@@ -471,6 +580,9 @@ def parse_args(argv=None):
                    help="PyTorch intra-op threads (default: as many CPUs as the first scratchvae-numpy worker's "
                         "step uses: its step threads, or its BLAS threads when the step runs on one)")  # fmt: skip
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is importable")
+    p.add_argument("--jax", choices=["auto", "cpu", "gpu", "off"], default="auto",
+                   help="time the same step as one JAX jit function (float32, matmul precision 'highest') on this "
+                        "device; auto: on the GPU when cupy is timed, else off (default: auto)")  # fmt: skip
     add_shared_arguments(p)
     p.add_argument("--profile", type=int, default=None, metavar="B",
                    help="instead of the benchmark: cProfile numpy steps at batch size B and print the top costs")  # fmt: skip
@@ -574,7 +686,8 @@ def main(argv=None):
     try:
         for backend in backends:
             engines = list(dict.fromkeys(e if e != "auto" else ("cpu" if backend == "numpy" else "reference")
-                                         for e in args.engines if backend == "numpy" or e != "cpu"))  # fmt: skip
+                                         for e in args.engines
+                                         if (backend == "numpy" or e != "cpu") and (backend == "cupy" or e != "gpu")))  # fmt: skip
             for engine in engines:
                 step_threads = (args.threads or [None]) if engine == "cpu" else [None]
                 for t in step_threads:
@@ -592,7 +705,7 @@ def main(argv=None):
         threads = args.torch_threads or cpus_used(first)
         if use_torch:
             devices = ["cpu"] if "numpy" in backends else []
-            devices += ["cuda"] if "cupy" in backends else []
+            devices += ["cuda", "cuda-graph"] if "cupy" in backends else []
             for device in devices:
                 w = Worker(f"torch-{device}", _torch_worker, (device, threads, *timing), unset)
                 info = w.call("info")
@@ -602,9 +715,20 @@ def main(argv=None):
                     continue
                 workers[w.name] = w
                 infos[w.name] = info
+        jax_device = {"auto": "gpu" if "cupy" in backends else None, "off": None}.get(args.jax, args.jax)
+        if jax_device is not None:
+            w = Worker(f"jax-{jax_device}", _jax_worker, (jax_device, *timing), unset)
+            info = w.call("info")
+            if "unavailable" in info:
+                notes.append(f"jax-{jax_device} not timed: {info['unavailable']}")
+                w.close()
+            else:
+                workers[w.name] = w
+                infos[w.name] = info
         for name, info in infos.items():
-            blas = blas_summary(info) if "numpy" in info and info["backend"] != "torch" else (
-                f"torch {info.get('torch')} ({info.get('blas')}, {info.get('threads')} threads)")
+            blas = blas_summary(info) if "numpy" in info and info["backend"] not in ("torch", "jax") else (
+                f"jax {info.get('jax')} ({info.get('platform')})" if info["backend"] == "jax" else
+                f"torch {info.get('torch')} ({info.get('blas')}, {info.get('threads')} threads)")  # fmt: skip
             _log(f"{name}: {info['device']}; {blas}")
 
         impls = list(workers)
@@ -638,8 +762,9 @@ def main(argv=None):
 
 
 def _peer(impl):
-    """The PyTorch implementation on the same device as ``impl``."""
-    return "torch-cuda" if impl.startswith("scratchvae-cupy") or impl == "torch-cuda" else "torch-cpu"
+    """The PyTorch implementation on the same device as ``impl`` (eager: the baseline every ratio is against)."""
+    on_gpu = impl.startswith(("scratchvae-cupy", "torch-cuda", "jax-gpu"))
+    return "torch-cuda" if on_gpu else "torch-cpu"
 
 
 def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n_steps, threads):
@@ -728,6 +853,9 @@ def _header_lines(results):
             extra = f", {info['device_name']}" if info.get("device_name") else ""
             lines.append(f"{name}: torch {info['torch']} ({info.get('blas')}, {info['threads']} threads, "
                          f"CPU capability {info.get('cpu_capability')}){extra}")  # fmt: skip
+        elif info["backend"] == "jax":
+            lines.append(f"{name}: jax {info['jax']} on {info['device']} ({info['platform']}), one jit step, "
+                         "matmul precision highest")  # fmt: skip
         else:
             extra = f", {info['device']}, cupy {info.get('cupy')}" if info["backend"] == "cupy" else ""
             lines.append(f"{name}: scratchvae {info['scratchvae']}, {step_summary(info)}, {blas_summary(info)}{extra}")
