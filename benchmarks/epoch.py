@@ -86,7 +86,7 @@ def _max_rss_mib() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB elsewhere
 
 
-def _scratch_worker(conn, backend, epochs, threads=None):
+def _scratch_worker(conn, backend, epochs, threads=None, engine="auto"):
     """Run scratchvae's trainer for ``epochs`` in a temporary folder (one command: ``run``); ``threads``: its steps'."""
     use_checkout()
     import tempfile
@@ -131,7 +131,7 @@ def _scratch_worker(conn, backend, epochs, threads=None):
     def run():
         logs = []
         with tempfile.TemporaryDirectory(prefix="scratchvae-bench-") as tmp:
-            cfg = T.TrainConfig(epochs=epochs, out=tmp, backend=backend, threads=threads)
+            cfg = T.TrainConfig(epochs=epochs, out=tmp, backend=backend, threads=threads, engine=engine)
             t0 = time.perf_counter()
             history = T.train(cfg, log=logs.append)
             if xp is not np:
@@ -139,7 +139,7 @@ def _scratch_worker(conn, backend, epochs, threads=None):
             wall = time.perf_counter() - t0
         seconds["train"] = sum(row["seconds"] for row in history)
         out = {
-            "impl": f"scratchvae-{backend}", "wall_s": wall, "seconds": dict(seconds), "history": history,
+            "impl": f"scratchvae-{backend}" + (f"-{engine}" if engine != "auto" else ""), "wall_s": wall, "seconds": dict(seconds), "history": history,
             "log": logs, "config": cfg.to_json(), "scratchvae": scratchvae.__version__, "untimed": untimed,
             "rss_after_imports_mib": rss_imports, "peak_rss_mib": _max_rss_mib(), **numpy_info(),
             "step_threads": step_threads,
@@ -268,6 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1, help="training epochs per run (default: %(default)s)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                    help="scratchvae backend (default: %(default)s); PyTorch runs on the CPU for numpy and on CUDA for cupy")  # fmt: skip
+    p.add_argument("--engine", choices=("auto", "reference", "cpu", "gpu"), default="auto",
+                   help="the trainer's --engine (default: %(default)s: cpu on numpy, reference on cupy)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per implementation, alternating between them; the table shows medians (default: %(default)s)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -318,7 +320,7 @@ def main(argv=None):
     machine["git"] = git_info()
     warn_if_busy(machine)
 
-    scratch = f"scratchvae-{args.backend}"
+    scratch = f"scratchvae-{args.backend}" + (f"-{args.engine}" if args.engine != "auto" else "")
     torch_name = "torch-cuda" if args.backend == "cupy" else "torch-cpu"
     impls = [scratch] + ([torch_name] if use_torch else [])
     runs = {i: [] for i in impls}
@@ -328,7 +330,7 @@ def main(argv=None):
         for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
             _log(f"run {r + 1}/{args.repeats}: {impl}, {args.epochs} epoch(s) ...")
             if impl == scratch:
-                res = _run_once(impl, _scratch_worker, (args.backend, args.epochs, args.threads), unset,
+                res = _run_once(impl, _scratch_worker, (args.backend, args.epochs, args.threads, args.engine), unset,
                                 blas_thread_env(args.blas_threads))  # fmt: skip
                 threads = threads or cpus_used(res)
             else:
@@ -472,7 +474,8 @@ def write_outputs(args, results):
         _log(f"wrote {args.json}")
     if args.no_save:
         return
-    gpu = results["implementations"].get("scratchvae-cupy", {}).get("device")
+    gpu = next((i.get("device") for name, i in results["implementations"].items()
+                if name.startswith("scratchvae-cupy")), None)  # fmt: skip
     tag = args.tag or (slug(gpu) if gpu else "cpu")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     base = args.out_dir / f"epoch-{tag}"
