@@ -97,3 +97,19 @@ def test_without_pytorch_there_is_no_ratio(throughput):
     row = out["rows"][0]
     assert row["speed_vs_torch"] is None and row["speed_vs_torch_same_round"] is None
     assert throughput._table_rows(out)[0][-2:] == ["-", "-"]
+
+
+def test_the_gpu_check_script_is_valid_bash_and_its_benchmark_flags_parse():
+    """GPU time is scarce: a typo in the device script's flags must fail here, not there."""
+    import re
+    import shlex
+    import subprocess
+
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    calls = re.findall(r'"\$PY" benchmarks/(throughput|epoch)\.py ([^\n]*)', text)
+    assert {name for name, _ in calls} == {"throughput", "epoch"} and len(calls) == 4
+    for name, flags in calls:
+        argv = [a.replace("$work", "/tmp/w") for a in shlex.split(flags)]
+        import_benchmark(name).parse_args(argv)  # exits (SystemExit) on an unknown flag or a bad value
