@@ -361,6 +361,7 @@ class Run:
         self.notes = None  # how the last pictures were rendered (see write_pictures)
         self._batch = None  # the host float buffer each minibatch is converted into, kept across steps
         self._data_meta = None  # see data_meta
+        self._device = {}  # the training set, the epoch's order and a batch buffer on the device (device_batch)
         _ = self.engine  # an engine that cannot run this model says so now, before anything is written
 
     @property
@@ -510,12 +511,17 @@ class Run:
         engine = self.engine
         try:
             while self.step < n_steps:
-                idx = self.perm[self.step * bs : (self.step + 1) * bs]
-                xb = D.rows_to_float(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype, out=self._buffer(len(idx)))
-                xb = to_device(xb, self.xp)
+                first, end = self.step * bs, min((self.step + 1) * bs, n)  # (stop is the interruption check)
+                if self.data_on_device:
+                    xb = self.device_batch(first, end)
+                else:
+                    idx = self.perm[first:end]
+                    xb = D.rows_to_float(self.train_x[idx], cfg.binarize, self.data_rng, model.dtype,
+                                         out=self._buffer(len(idx)))  # fmt: skip
+                    xb = to_device(xb, self.xp)
                 beta = cfg.beta_at((self.epoch - 1) * n_steps + self.step, n_steps)
-                # loss and gradient, then the update; the batch came from checked uint8 images
-                pending.append((len(idx), engine.step(xb, beta, check_input=False)))
+                # loss and gradient, then the update; the batch came from data checked once, up front
+                pending.append((end - first, engine.step(xb, beta, check_input=False)))
                 if len(pending) >= check_every or self.step == n_steps - 1:
                     flush()
                 self.step += 1
@@ -537,6 +543,33 @@ class Run:
         return {"train_loss": s.loss / s.n, "train_recon": s.recon / s.n, "train_kl": s.kl / s.n,
                 "beta": cfg.beta_at(self.epoch * n_steps - 1, n_steps),  # the KL weight of the epoch's last step
                 "seconds": s.seconds, "examples_per_s": s.n / max(s.seconds, 1e-9)}  # fmt: skip
+
+    @property
+    def data_on_device(self) -> bool:
+        """Whether batches are gathered on the device: the gpu engine's, unless binarization is dynamic.
+
+        (Dynamic binarization draws from the host generator that checkpoints keep.)
+        """
+        return self.xp is not np and self.engine.name == "gpu" and self.cfg.binarize != "dynamic"
+
+    def device_batch(self, start, stop):
+        """Rows ``perm[start:stop]`` of the training set as floats, gathered and converted on the model's device.
+
+        The training set is copied to the device once (``uint8`` stays
+        ``uint8``), the epoch's order once per epoch; a step then copies
+        nothing from the host, so it never waits for the GPU. The floats are
+        those of the host path (:func:`~scratchvae.data.rows_to_float`).
+        """
+        xp, kept = self.xp, self._device
+        if kept.get("train") is None:
+            kept["train"] = xp.asarray(self.train_x)
+        if kept.get("perm_of") is not self.perm:
+            kept["perm"], kept["perm_of"] = xp.asarray(self.perm), self.perm
+        rows = kept["train"][kept["perm"][start:stop]]
+        out = kept.get("batch")
+        if out is None or out.shape != rows.shape:
+            out = kept["batch"] = xp.empty(rows.shape, dtype=self.model.dtype)
+        return D.rows_to_float(rows, self.cfg.binarize, None, self.model.dtype, out=out)
 
     def _buffer(self, rows):
         """The kept host buffer a minibatch of ``rows`` images is converted into."""

@@ -188,3 +188,39 @@ def test_a_resumed_gpu_run_is_bitwise_an_uninterrupted_one(backend, xp):
     state = (half.params.copy(), {k: (v.copy() if hasattr(v, "copy") else v) for k, v in opt.state_dict().items()})
     resumed, _ = run(6, state)
     assert bool((resumed.params == whole.params).all())
+
+
+@pytest.mark.parametrize("binarize", ["none", "static"])
+def test_batches_gathered_on_the_device_are_the_host_paths(binarize, tmp_path):
+    """What the trainer does for the gpu engine (data copied once, batches gathered where the model lives), run
+    with NumPy standing in for the device: the same floats as the host path, batch for batch."""
+    from scratchvae import data as D
+    from scratchvae import train as T
+
+    run = T.Run(T.TrainConfig(train_size=300, test_size=50, hidden=(8,), latent_dim=2, binarize=binarize,
+                              out=str(tmp_path / "r")), log=lambda *_: None)  # fmt: skip
+    run.perm = np.random.default_rng(0).permutation(300)
+    for start, stop in [(0, 128), (128, 256), (256, 300)]:
+        host = D.rows_to_float(run.train_x[run.perm[start:stop]], binarize, None, run.model.dtype)
+        assert np.array_equal(run.device_batch(start, stop), host)
+    run.perm = run.perm[::-1].copy()  # a new epoch's order is copied over once
+    assert np.array_equal(run.device_batch(0, 10), D.rows_to_float(run.train_x[run.perm[:10]], binarize))
+    assert not run.data_on_device  # on NumPy the cpu engine converts on the host
+
+
+def test_a_run_on_device_batches_is_the_run_on_host_batches(tmp_path, monkeypatch):
+    """The trainer's whole loop with batches gathered "on the device" (NumPy standing in) ends bitwise where the
+    host path ends: the wiring the gpu engine's runs use, checked without a GPU."""
+    from scratchvae import train as T
+
+    def final_params(out, on_device):
+        monkeypatch.setattr(T.Run, "data_on_device", property(lambda self: on_device))
+        run = T.Run(T.TrainConfig(train_size=300, test_size=50, hidden=(8,), latent_dim=2, batch_size=64, epochs=2,
+                                  binarize="static", out=str(out)), log=lambda *_: None)  # fmt: skip
+        run.run()
+        return run.model.params.copy(), run.history
+
+    host, host_history = final_params(tmp_path / "host", False)
+    device, device_history = final_params(tmp_path / "device", True)
+    assert np.array_equal(host, device)
+    assert [r["train_loss"] for r in host_history] == [r["train_loss"] for r in device_history]
