@@ -375,13 +375,15 @@ def _jax_worker(conn, device, min_time, warmup, roofline_time):
         import jax
         import jax.numpy as jnp
     except ImportError as exc:
-        serve(conn, {"info": lambda: {"unavailable": f"jax is not importable ({exc})"}})
+        why = f"jax is not importable ({exc})"  # (exc is gone once the except block ends)
+        serve(conn, {"info": lambda: {"unavailable": why}})
         return
     jax.config.update("jax_default_matmul_precision", "highest")
     try:
         dev = jax.devices(device)[0]
     except RuntimeError as exc:
-        serve(conn, {"info": lambda: {"unavailable": f"jax sees no {device} device ({exc})"}})
+        why = f"jax sees no {device} device ({exc})"
+        serve(conn, {"info": lambda: {"unavailable": why}})
         return
     from scratchvae.data import load_mnist, to_float_batch
 

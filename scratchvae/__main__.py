@@ -4,7 +4,7 @@ import signal
 import sys
 
 
-def _stop(signum, frame):  # a signal while the command line loads: stop quietly, as cli.main does later
+def _stop(signum, frame):  # a signal while the command line loads or exits: stop quietly, as cli.main does
     raise SystemExit(128 + signum)
 
 
@@ -13,4 +13,7 @@ for _signum in (signal.SIGINT, signal.SIGTERM):
 
 from .cli import main  # noqa: E402  (after the handlers: loading takes a moment)
 
-sys.exit(main())
+_status = main()
+for _signum in (signal.SIGINT, signal.SIGTERM):  # the work is done (or saved): a late signal changes nothing
+    signal.signal(_signum, signal.SIG_IGN)
+sys.exit(_status)

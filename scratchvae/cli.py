@@ -467,29 +467,38 @@ class Signalled(BaseException):
         self.signum = signum
 
 
-def stop_on_signals() -> None:
-    """SIGINT and SIGTERM raise :class:`Signalled` (a run's training loop sets its own handlers meanwhile)."""
+def stop_on_signals() -> dict:
+    """SIGINT and SIGTERM raise :class:`Signalled` (a run's training loop sets its own handlers meanwhile).
+
+    Returns the handlers they had, to put back (empty outside the main thread, where nothing changes).
+    """
 
     def stop(signum, frame):
         raise Signalled(signum)
 
+    previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            signal.signal(signum, stop)
+            previous[signum] = signal.signal(signum, stop)
         except ValueError:  # not the main thread
-            return
+            break
+    return previous
 
 
 def main(argv=None) -> int:
     """Entry point; returns the exit status (0 ok, 1 diverged, 2 bad input, 128 + signal number when interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = {}
     try:
-        stop_on_signals()
+        previous = stop_on_signals()
         return _main(argv)
     except (Signalled, KeyboardInterrupt) as exc:  # before or after training: nothing to save
         signum = exc.signum if isinstance(exc, Signalled) else signal.SIGINT
         print(f"scratchvae: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _main(argv) -> int:

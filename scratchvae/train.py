@@ -597,9 +597,12 @@ class Run:
         with FolderLock(self.out, "training run"):
             self._start()
             with _signals_set_flag() as signalled:
-                self._train(signalled)
-                if self.notes is None:  # no epoch was left to run: the pictures of the model as it is
-                    self.notes = self.pictures()
+                try:
+                    self._train(signalled)
+                    if self.notes is None:  # no epoch was left to run: the pictures of the model as it is
+                        self.notes = self.pictures()
+                finally:  # dropped while signals only set a flag: its clean-up is never cut short by one
+                    self._engine = None
         return self.history
 
     def _start(self) -> None:

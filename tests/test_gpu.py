@@ -224,3 +224,99 @@ def test_a_run_on_device_batches_is_the_run_on_host_batches(tmp_path, monkeypatc
     device, device_history = final_params(tmp_path / "device", True)
     assert np.array_equal(host, device)
     assert [r["train_loss"] for r in host_history] == [r["train_loss"] for r in device_history]
+
+
+# ------------------------------------------------------------------------------------------
+# Without a GPU: the engine's Python side (buffers, argument order, which kernel when) run on NumPy, with each
+# kernel replaced by a NumPy transcription of its CUDA source.
+# ------------------------------------------------------------------------------------------
+
+
+def _act(a, code):
+    return [a, np.maximum(a, 0), np.tanh(a), 0.5 * (np.tanh(0.5 * a) + 1), np.maximum(a, 0) + np.log1p(np.exp(-abs(a)))][code]
+
+
+def _slope(y, code):
+    return [np.ones_like(y), (y > 0).astype(y.dtype), 1 - y * y, y * (1 - y), -np.expm1(-y)][code]
+
+
+def _numpy_kernels():
+    """Each kernel of gpu_kernels.SOURCE, line for line in NumPy; called as CuPy calls a kernel: (grid, block, args)."""
+
+    def bias_activation(y, b, rows, cols, code):
+        y[...] = _act(y + b, code)
+
+    def activation_backward(d, y, n, code):
+        d *= _slope(y, code)
+
+    def reparameterize_kl(enc_out, eps, z, log_var, sigma, kl_terms, rows, J, c):
+        mu, h = enc_out[:, :J], enc_out[:, J:]
+        log_var[...] = c * np.tanh(h / c) if c > 0 else h
+        sigma[...] = np.exp(0.5 * log_var)
+        z[...] = mu + sigma * eps
+        kl_terms[...] = -0.5 * (1 + log_var - mu * mu - sigma * sigma)
+
+    def bernoulli_nll(logits, x, nll_terms, d_logits, n, scale):
+        nll_terms[...] = np.maximum(logits, 0) - x * logits + np.log1p(np.exp(-abs(logits)))
+        d_logits[...] = scale * (0.5 * (np.tanh(0.5 * logits) + 1) - x)
+
+    def gaussian_nll(mean, x, nll_terms, d_mean, n, lv, scale):
+        diff = mean - x
+        nll_terms[...] = 0.5 * (1.8378770664093453 + lv + diff * diff * np.exp(-lv))
+        d_mean[...] = scale * diff * np.exp(-lv)
+
+    def reparameterize_kl_backward(d_z, enc_out, eps, log_var, sigma, d_enc_out, rows, J, beta_b, c):
+        d_lv = d_z * eps * sigma * 0.5 + beta_b * 0.5 * (sigma * sigma - 1)
+        d_enc_out[:, :J] = d_z + beta_b * enc_out[:, :J]
+        d_enc_out[:, J:] = d_lv * (1 - (log_var / c) ** 2) if c > 0 else d_lv
+
+    def adam_update(p, grad, m, v, n, lr, b1, b2, eps, wd, bc1, bc2):
+        g = grad + wd * p
+        m[...] = b1 * m + (1 - b1) * g
+        v[...] = b2 * v + (1 - b2) * g * g
+        p -= lr * (m / bc1) / (np.sqrt(v / bc2) + eps)
+
+    def sgd_update(p, grad, velocity, n, lr, momentum, wd):
+        velocity[...] = momentum * velocity + grad + wd * p
+        p -= lr * velocity
+
+    def philox(out, n, seed_lo, seed_hi, t, stream):
+        out[...] = philox_normal(int(n), int(seed_lo) | int(seed_hi) << 32, int(t), int(stream)).reshape(out.shape)
+
+    table = {f.__name__: f for f in (bias_activation, activation_backward, reparameterize_kl, bernoulli_nll,
+                                     gaussian_nll, reparameterize_kl_backward, adam_update, sgd_update)}  # fmt: skip
+    table["philox_normal"] = philox
+    assert sorted(table) == sorted(KERNELS)
+    return {name: (lambda f: lambda grid, block, args: f(*args))(f) for name, f in table.items()}
+
+
+@pytest.mark.parametrize("likelihood,optimizer,activation,bound",
+                         [("bernoulli", "adam", "relu", 30.0), ("gaussian", "sgd", "tanh", 30.0),
+                          ("bernoulli", "adam", "softplus", None), ("gaussian", "adam", "sigmoid", 2.0)])  # fmt: skip
+def test_the_gpu_engines_wiring_on_numpy_matches_the_reference_step(likelihood, optimizer, activation, bound,
+                                                                     monkeypatch):  # fmt: skip
+    from scratchvae.engines import gpu as G
+
+    monkeypatch.setattr(G, "compile_kernels", lambda xp, dtype: _numpy_kernels())
+    monkeypatch.setattr(G, "check_gpu_model", lambda *args: None)  # (it refuses NumPy models)
+
+    def build():
+        m = sv.VAE(20, (16, 12), 3, likelihood=likelihood, activation=activation, log_var_bound=bound,
+                   dtype="float64", seed=1)  # fmt: skip
+        return m, {"adam": sv.Adam, "sgd": sv.SGD}[optimizer](m, lr=1e-2)
+
+    ref, ref_opt = build()
+    model, opt = build()
+    x = data(np, likelihood).astype(np.float64)
+    engine = G.GPUEngine(model, opt)
+    for t in range(20):
+        beta = 0.5 if t % 2 else 1.0
+        eps = philox_normal(64 * 3, model.seed, t, STREAM_NOISE).reshape(64, 3)
+        expected = ref.loss_and_grad(x, eps=eps, beta=beta)
+        ref_opt.step()
+        got = engine.step(x, beta)
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(float(a), float(b), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(model.grads, ref.grads, rtol=0, atol=1e-12 * abs(ref.grads).max())
+    np.testing.assert_allclose(model.params, ref.params, rtol=0, atol=1e-12 * abs(ref.params).max())
+    assert opt.t == ref_opt.t == 20

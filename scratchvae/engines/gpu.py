@@ -85,7 +85,7 @@ class GPUEngine:
         self.kernels[name]((max(blocks, 1),), (THREADS_PER_BLOCK,), args)
 
     def _scalar(self, value):
-        return self.model.dtype.type(value)
+        return np.dtype(self.model.dtype).type(value)
 
     def _forward(self, mlp, x, tag):
         """The activations of every layer of ``mlp`` (the last is the output), in kept buffers."""
