@@ -4,9 +4,10 @@
 #
 #     bash benchmarks/gpu_check.sh            # results in $OUT, or ./gpu-check-out
 #
-# Each stage has its own time limit, so one that hangs costs only its share; the whole run takes about
-# five minutes at most. What comes back is two files: summary.txt (each stage's status and the tail of
-# its output) and gpu-check.tar.gz (every log, JSON and Markdown file of the stages).
+# Each stage has its own time limit, so one that hangs costs only its share: even if every stage ran to its
+# limit, the run would end within nine minutes (one device call; about five when all goes well). What comes
+# back is two files: summary.txt (each stage's status and the tail of its output) and gpu-check.tar.gz
+# (every log, JSON and Markdown file of the stages).
 #
 # Stages:
 #   versions    driver, CUDA, CuPy, PyTorch, JAX, NumPy
@@ -46,7 +47,7 @@ have_gpu() {
     "$PY" -c "from scratchvae.backend import cupy_available; ok, why = cupy_available(); print(why); raise SystemExit(0 if ok else 1)"
 }
 
-stage versions 60 bash -c "nvidia-smi; $PY -c '
+stage versions 30 bash -c "nvidia-smi; $PY -c '
 import platform, numpy; print(\"python\", platform.python_version(), \"numpy\", numpy.__version__)
 for name in (\"cupy\", \"torch\", \"jax\"):
     try:
@@ -62,13 +63,13 @@ if ! why=$(have_gpu); then
     stage throughput-cpu 240 "$PY" benchmarks/throughput.py --backends numpy --batch-sizes 32,128 --repeats 2 \
         --min-time 0.1 --warmup 0.1 --roofline-time 0.05 --no-save --json "$work/throughput-cpu.json"
 else
-    stage tests 150 "$PY" -m pytest -q -p no:cacheprovider tests -k "cupy or gpu"
-    stage throughput 200 "$PY" benchmarks/throughput.py --backends numpy,cupy --engines auto,reference,gpu \
+    stage tests 120 "$PY" -m pytest -q -p no:cacheprovider tests -k "cupy or gpu"
+    stage throughput 150 "$PY" benchmarks/throughput.py --backends numpy,cupy --engines auto,reference,gpu \
         --batch-sizes 32,128,512,2048 --repeats 5 --min-time 0.2 --warmup 0.2 --roofline-time 0.05 \
         --out-dir "$work" --json "$work/throughput.json"
-    stage epochs 120 "$PY" benchmarks/epoch.py --backend cupy --engine gpu --epochs 10 --out-dir "$work" \
+    stage epochs 90 "$PY" benchmarks/epoch.py --backend cupy --engine gpu --epochs 10 --out-dir "$work" \
         --json "$work/epoch.json"
-    stage threads 150 "$PY" benchmarks/throughput.py --backends numpy --threads 1,4,8,16 --batch-sizes 128,2048 \
+    stage threads 120 "$PY" benchmarks/throughput.py --backends numpy --threads 1,4,8,16 --batch-sizes 128,2048 \
         --repeats 3 --min-time 0.2 --warmup 0.2 --roofline-time 0.05 --tag cpu-threads --out-dir "$work" \
         --json "$work/threads.json"
 fi
