@@ -5,7 +5,7 @@
 #     bash benchmarks/gpu_check.sh            # results in $OUT, or ./gpu-check-out
 #
 # Each stage has its own time limit, so one that hangs costs only its share: even if every stage ran to its
-# limit, the run would end within nine minutes (one device call; about five when all goes well). What comes
+# limit, the run would end within nine minutes (one device call). What comes
 # back is two files: summary.txt (each stage's status and the tail of its output) and gpu-check.tar.gz
 # (every log, JSON and Markdown file of the stages).
 #
