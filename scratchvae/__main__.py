@@ -9,7 +9,8 @@ def _stop(signum, frame):  # a signal while the command line loads or exits: sto
 
 
 for _signum in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(_signum, _stop)
+    if signal.getsignal(_signum) is not signal.SIG_IGN:  # an ignore inherited from the caller stays
+        signal.signal(_signum, _stop)
 
 from .cli import main  # noqa: E402  (after the handlers: loading takes a moment)
 

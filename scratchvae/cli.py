@@ -316,7 +316,7 @@ def cmd_train(args) -> int:
         print(f"the data are not images: samples and reconstructions are arrays in {out}/: {', '.join(arrays)} "
               "(numpy.load them)")  # fmt: skip
     print(f"pictures in {out}/: {', '.join(pics)}; metrics in {out / 'metrics.jsonl'}")
-    print(f"evaluate with: scratchvae evaluate {out} --iwae-k 1000 --n-test 2000")
+    print(f"evaluate with: scratchvae evaluate {out} --iwae-k 1000" + (" --n-test 2000" if args.data is None else ""))
     return 0
 
 
@@ -361,19 +361,22 @@ def test_data(args, ckpt, model, path):
     data_meta = ckpt.meta.get("data") if isinstance(ckpt.meta.get("data"), dict) else {}
     saved_path = data_meta.get("path")
     data = args.data or (saved_path if isinstance(saved_path, str) and Path(saved_path).exists() else None)
+    if args.data is not None and args.data_dir is not None:
+        raise UsageError("--data-dir is MNIST's folder and --data another data set: give one of them, not both")
     if data is not None:
         validation, seed = train_cfg.get("validation", 0.1), train_cfg.get("seed", 0)
         if not (isinstance(validation, float) and 0 < validation < 1 and isinstance(seed, int) and seed >= 0):
             raise CheckpointError(f"checkpoint {path} has a malformed training configuration (validation, seed)")
         ds = datasets.load_file(data, validation=validation, seed=seed)
-    elif model.input_dim == 784:
+    elif model.input_dim == 784 and data_meta.get("source", "MNIST") == "MNIST":  # (older checkpoints: MNIST)
         data_dir = args.data_dir
         saved_dir = train_cfg.get("data_dir")
         if data_dir is None and isinstance(saved_dir, str) and saved_dir and Path(saved_dir).is_dir():
             data_dir = saved_dir  # where the run found its data, if that is here too
         ds = datasets.load_mnist_dataset(data_dir)
     else:
-        where = f" ({saved_path}, not found here)" if isinstance(saved_path, str) else ""
+        where = (f" ({saved_path}, not found here)" if isinstance(saved_path, str)
+                 else f" (it was trained on {data_meta['source']})" if isinstance(data_meta.get("source"), str) else "")  # fmt: skip
         raise ValueError(f"{path} holds a model of {model.input_dim}-d data and names no data file to evaluate it "
                          f"on{where}; give --data FILE")  # fmt: skip
     if ds.dim != model.input_dim:
@@ -434,6 +437,9 @@ def cmd_sample(args) -> int:
     shape = image_shape_of(ckpt.meta)
     if out is None:
         out = "samples.png" if shape is not None else "samples.npy"
+    folder = Path(out).parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: the folder {folder} does not exist")
     x = model.sample(args.n, rng=Generator(args.seed, model.xp, stream=STREAM_SAMPLE))
     if Path(out).suffix.lower() == ".npy":
         atomic_write(out, lambda f: np.save(f, to_numpy(x)))
@@ -478,6 +484,8 @@ def stop_on_signals() -> dict:
 
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is signal.SIG_IGN:  # ignored by whoever started us (`cmd &`): keep it so
+            continue
         try:
             previous[signum] = signal.signal(signum, stop)
         except ValueError:  # not the main thread

@@ -90,7 +90,7 @@ def rows(x, what: str, source: str):
         if bad.any():
             row, col = np.argwhere(bad)[0]
             raise DataError(f"{source}: {what} has {int(bad.sum())} NaN or inf values (the first in row {row}, "
-                            f"column {col}); remove or impute them before training")  # fmt: skip
+                            f"column {col}); remove or impute them")  # fmt: skip
     x = x.view()
     x.flags.writeable = False
     return x, image_shape
@@ -162,7 +162,7 @@ def from_arrays(train, test=None, *, validation=0.1, seed=0, image_shape=None, t
                  f"{seed}) is held out as the test set")  # fmt: skip
     if image_shape is not None:
         image_shape = tuple(int(s) for s in image_shape)
-        if len(image_shape) != 2 or math.prod(image_shape) != train.shape[1]:
+        if len(image_shape) != 2 or min(image_shape) < 1 or math.prod(image_shape) != train.shape[1]:
             raise DataError(f"{source}: an image shape {image_shape} does not fit {train.shape[1]} values per example")
     else:
         image_shape = shape3 or square_image(train.shape[1], train)

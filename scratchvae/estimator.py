@@ -105,22 +105,27 @@ class VAEEstimator:
         X : array ``(n_examples, n_features)`` or ``(n_examples, height, width)``
             ``uint8`` grey levels (scaled by 1/255), or numbers: in ``[0, 1]``
             for the Bernoulli likelihood, any finite values for the Gaussian ones.
-        y : ignored
-            Labels, if given as integers 0-9, colour the 2-d ``latent.png``.
-        validation : array, optional
-            Held-out examples for the per-epoch test loss (default: a
-            ``validation`` fraction of ``X``).
+        y : int array ``(n_examples,)``, optional
+            Not used for training; integer labels 0-9 colour the 2-d ``latent.png``.
+        validation : array or float, optional
+            Held-out examples for the per-epoch test loss, or the fraction
+            of ``X`` to hold out (default: the constructor's ``validation``).
         image_shape : (height, width), optional
             The shape of one example, when ``X`` holds flattened images.
         """
-        self.seed_ = secrets.randbits(32) if self.seed is None else self.seed
+        self.seed_ = self.seed if self.seed is not None else self._resumed_seed() or secrets.randbits(32)
+        if isinstance(validation, float):  # a fraction, as the constructor's validation
+            validation, fraction = None, validation
+        else:
+            fraction = self.validation
         labels = None if y is None else np.asarray(y)
         if labels is not None and labels.dtype.kind not in "iu":
             labels = None  # only integer labels colour latent.png
-        data = datasets.from_arrays(X, validation, validation=self.validation, seed=self.seed_,
+        data = datasets.from_arrays(X, validation, validation=fraction, seed=self.seed_,
                                     image_shape=image_shape, train_labels=labels)  # fmt: skip
-        cfg = TrainConfig(hidden=tuple(self.hidden), latent_dim=self.latent_dim, likelihood=self.likelihood,
-                          activation=self.activation, validation=self.validation, seed=self.seed_,
+        hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
+        cfg = TrainConfig(hidden=hidden, latent_dim=self.latent_dim, likelihood=self.likelihood,
+                          activation=self.activation, validation=fraction, seed=self.seed_,
                           out=None if self.out is None else str(self.out), resume=self.resume,
                           overwrite=self.overwrite, **{name: getattr(self, name) for name in _TRAINING})  # fmt: skip
         progress = None
@@ -144,12 +149,24 @@ class VAEEstimator:
 
     # ---------------------------------------------------------------- using the fitted model
 
+    def _resumed_seed(self):
+        """With ``seed=None``, ``resume`` and a checkpoint in ``out``: the seed that run drew (so it can continue)."""
+        if not (self.resume and self.out is not None and (Path(self.out) / CHECKPOINT).is_file()):
+            return None
+        seed = load_checkpoint(Path(self.out) / CHECKPOINT).meta.get("train", {}).get("seed")
+        return seed if isinstance(seed, int) and seed >= 0 else None
+
     def _batches(self, X):
         """Float batches of ``X`` on the model's device, as training saw them (``uint8`` scaled by 1/255)."""
         model = self._model()
         x, _ = datasets.rows(X, "X", "X")
         if x.shape[1] != model.input_dim:
             raise ValueError(f"X has {x.shape[1]} features, but the model was fitted to {model.input_dim}")
+        if model.bounded_input and x.dtype != np.uint8 and (x.min() < 0 or x.max() > 1):
+            raise ValueError(
+                f"X has values from {x.min():.4g} to {x.max():.4g}, but this model's {model.likelihood} likelihood "
+                "takes values in [0, 1]: give grey levels as uint8 (scaled by 1/255, as in fit) or scale X yourself"
+            )
         return float_batches(x, "none", None, 1024, model.dtype, model.xp)
 
     def transform(self, X) -> np.ndarray:

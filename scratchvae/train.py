@@ -310,7 +310,8 @@ def _signals_set_flag():
     previous = {}
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, lambda num, frame: signalled.append(num))
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # an ignore inherited from the caller stays
+                previous[signum] = signal.signal(signum, lambda num, frame: signalled.append(num))
     except ValueError:  # not the main thread
         pass
     try:
@@ -621,6 +622,11 @@ class Run:
                 if self.xp is not np and self.engine.name != "gpu":
                     self.log("note: on the GPU the noise generator restarts from the seed, so the resumed run "
                              "is equivalent but not bitwise identical to an uninterrupted one")  # fmt: skip
+            elif used:  # metrics without a checkpoint: nothing to continue from, and something to lose
+                raise RunFolderUsed(
+                    f"{self.out} holds a run ({used}) but no {CHECKPOINT} to resume from; start over with "
+                    "--overwrite (which deletes it), or choose another --out"
+                )
             else:
                 self.log(f"no checkpoint in {self.out}; starting a new run")
         elif used and not cfg.overwrite:
@@ -652,7 +658,8 @@ class Run:
                      "probabilities and can fall below 0 (a learned variance shrinks on near-constant pixels); "
                      "--binarize dequantize makes them bounds in nats (README: Which likelihood)")  # fmt: skip
         while self.epoch <= cfg.epochs:
-            if signalled:  # arrived while the last epoch was evaluated and saved
+            if signalled:  # arrived before the first step, or while the last epoch was evaluated and saved
+                self.save()  # (a consistent position: the start of an epoch)
                 raise Interrupted(signalled[0], self.epoch, self.step, self.out / CHECKPOINT)
             try:
                 # Overflow shows up as a non-finite loss, reported with its epoch and step.

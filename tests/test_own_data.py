@@ -360,3 +360,75 @@ def test_a_run_on_a_data_file_goes_to_a_folder_named_after_it(runs):
 def test_old_metric_names_are_read_as_the_new_ones():
     assert T.renamed_test_keys({"epoch": 1, "recon": 2.0, "kl": 3.0}) == {"epoch": 1, "test_recon": 2.0, "test_kl": 3.0}
     assert T.renamed_test_keys({"test_recon": 1.0, "recon": 9.0}) == {"test_recon": 1.0, "recon": 9.0}
+
+
+# ------------------------------------------------------------------------------------------
+# Found by a review: each once went wrong without a word.
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_784_feature_model_of_other_data_is_never_evaluated_on_mnist(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (200, 28, 28), dtype=np.uint8)
+    sv.VAEEstimator(hidden=(8,), latent_dim=2, epochs=1, out=tmp_path / "f784").fit(images)
+    one_line_error(cli("evaluate", tmp_path / "f784", "--iwae-k", 2, cwd=tmp_path),
+                   "names no data file to evaluate it on (it was trained on array)", "give --data FILE")  # fmt: skip
+    np.save(tmp_path / "imgs.npy", images)
+    one_line_error(cli("evaluate", tmp_path / "f784", "--data", "imgs.npy", "--data-dir", tmp_path, cwd=tmp_path),
+                   "give one of them, not both")  # fmt: skip
+
+
+def test_the_printed_evaluate_command_works_for_a_small_data_set(runs):
+    d, out = runs
+    _, stdout = out["ten"]
+    (line,) = [x for x in stdout.splitlines() if x.startswith("evaluate with: ")]
+    assert "--n-test" not in line  # 2000 would be more than the 100 test rows
+
+
+def test_floats_beyond_0_1_are_refused_by_a_bernoulli_model_fitted_to_grey_levels():
+    images = np.random.default_rng(0).integers(0, 256, (100, 8, 8), dtype=np.uint8)
+    vae = sv.VAEEstimator(hidden=(8,), latent_dim=2, epochs=1).fit(images)
+    np.testing.assert_array_equal(vae.transform(images), vae.transform(images / 255.0))  # the same inputs
+    with pytest.raises(ValueError, match=r"X has values from 0 to 255, but .* takes values in \[0, 1\]"):
+        vae.transform(images.astype(float))
+
+
+def test_a_fresh_seed_run_resumes_with_its_own_seed_and_hidden_may_be_one_int(tmp_path):
+    x = continuous(200)
+    kw = dict(hidden=16, latent_dim=2, likelihood="gaussian", seed=None, out=tmp_path / "r")
+    first = sv.VAEEstimator(epochs=1, **kw).fit(x)
+    again = sv.VAEEstimator(epochs=2, resume=True, **kw).fit(x)
+    assert again.seed_ == first.seed_ and [r["epoch"] for r in again.history_] == [1, 2]
+    assert len(sv.VAEEstimator(hidden=8, latent_dim=2, likelihood="gaussian", epochs=1).fit(x, validation=0.25)
+               .history_) == 1  # fmt: skip
+
+
+def test_a_negative_image_shape_is_refused_before_training():
+    with pytest.raises(DataError, match=r"image shape \(-2, -2\) does not fit 4"):
+        datasets.from_arrays(np.zeros((10, 4)), image_shape=(-2, -2))
+
+
+def test_resume_without_a_checkpoint_keeps_the_metrics_of_the_run(tmp_path):
+    out = tmp_path / "r"
+    kw = dict(hidden=(8,), latent_dim=2, likelihood="gaussian", epochs=1, out=out)
+    sv.VAEEstimator(**kw).fit(continuous(100))
+    (out / "checkpoint.npz").unlink()
+    metrics = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(T.RunFolderUsed, match="but no checkpoint.npz to resume from"):
+        sv.VAEEstimator(resume=True, **kw).fit(continuous(100))
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_signal_before_the_first_step_saves_what_the_message_says(tmp_path):
+    run = T.Run(T.TrainConfig(train_size=64, test_size=16, hidden=(8,), latent_dim=2, out=str(tmp_path / "r")),
+                log=lambda *_: None)  # fmt: skip
+    run.out.mkdir()
+    with pytest.raises(T.Interrupted) as info:
+        run._train([2])  # SIGINT arrived before the first step
+    assert (info.value.epoch, info.value.step) == (1, 0)
+    assert load_checkpoint(info.value.checkpoint).meta["step"] == 0
+
+
+def test_sample_into_a_missing_folder_is_one_line(runs):
+    d, _ = runs
+    one_line_error(cli("sample", "ten", "--out", d / "nowhere" / "s.npy", cwd=d), "nowhere does not exist")
+    assert not (d / "nowhere").exists()

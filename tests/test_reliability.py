@@ -1166,3 +1166,18 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGPIPE, stderr
     assert stderr == ""
+
+
+def test_an_ignored_sigint_inherited_from_the_caller_stays_ignored(reference, tmp_path):
+    """``cmd &`` in a script starts the process with SIGINT ignored; scratchvae keeps it so, as Python does."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scratchvae", "train", *FLAGS, "--out", str(out)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=cli_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    wait_for(lambda: signal_handled(proc.pid, signal.SIGTERM), proc, timeout=30)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert_same_as_reference(out, reference)
