@@ -89,7 +89,7 @@ def test_the_kernels_compile_for_sm_90(dtype):
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
     log = b" " * size
     nvrtc.nvrtcGetProgramLog(prog, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.rstrip(b"\0").decode(errors="replace")
     _, cubin_size = nvrtc.nvrtcGetCUBINSize(prog)
     assert cubin_size > 0
 
@@ -104,6 +104,15 @@ def test_on_numpy_the_gpu_engine_is_refused_in_one_line():
     with pytest.raises(ValueError, match="engine 'gpu' runs on CuPy arrays, and this model is on numpy"):
         make_engine("gpu", model, sv.Adam(model))
     assert make_engine("auto", model, sv.Adam(model)).name == "cpu"  # auto never picks the gpu engine
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "iwae"])
+def test_what_the_gpu_engine_does_not_compute_is_refused_in_one_line(kind):
+    model = sv.Autoencoder(6, (4,), 2) if kind == "autoencoder" else sv.VAE(6, (4,), 2)
+    what = "an autoencoder" if kind == "autoencoder" else "objective 'iwae' with 'bernoulli'"
+    args = {"objective": "iwae", "k": 2} if kind == "iwae" else {}
+    with pytest.raises(ValueError, match=f"engine 'gpu' runs the ELBO of a VAE .*, not {what}; use engine 'reference'"):
+        make_engine("gpu", model, sv.Adam(model), **args)
 
 
 def test_the_command_line_refuses_engine_gpu_on_numpy(tmp_path, capsys):
@@ -132,7 +141,7 @@ def data(xp, likelihood, shape=(64, 20)):
     return to_device(x, xp, "float32")
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian_learned"])
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "softplus"])
 @on_gpu
@@ -265,6 +274,15 @@ def _numpy_kernels():
         nll_terms[...] = 0.5 * (1.8378770664093453 + lv + diff * diff * np.exp(-lv))
         d_mean[...] = scale * diff * np.exp(-lv)
 
+    def gaussian_learned_nll(dec_out, x, nll_terms, d_dec_out, rows, D, c, scale):
+        mean, h = dec_out[:, :D], dec_out[:, D:]
+        lv = c * np.tanh(h / c) if c > 0 else h
+        diff, inv_var = mean - x, np.exp(-lv)
+        nll_terms[...] = 0.5 * (1.8378770664093453 + lv + diff * diff * inv_var)
+        d_dec_out[:, :D] = scale * diff * inv_var
+        d_lv = scale * 0.5 * (1 - diff * diff * inv_var)
+        d_dec_out[:, D:] = d_lv * (1 - (lv / c) ** 2) if c > 0 else d_lv
+
     def reparameterize_kl_backward(d_z, enc_out, eps, log_var, sigma, d_enc_out, rows, J, beta_b, c):
         d_lv = d_z * eps * sigma * 0.5 + beta_b * 0.5 * (sigma * sigma - 1)
         d_enc_out[:, :J] = d_z + beta_b * enc_out[:, :J]
@@ -284,15 +302,21 @@ def _numpy_kernels():
         out[...] = philox_normal(int(n), int(seed_lo) | int(seed_hi) << 32, int(t), int(stream)).reshape(out.shape)
 
     table = {f.__name__: f for f in (bias_activation, activation_backward, reparameterize_kl, bernoulli_nll,
-                                     gaussian_nll, reparameterize_kl_backward, adam_update, sgd_update)}  # fmt: skip
+                                     gaussian_nll, gaussian_learned_nll, reparameterize_kl_backward, adam_update,
+                                     sgd_update)}  # fmt: skip
     table["philox_normal"] = philox
     assert sorted(table) == sorted(KERNELS)
-    return {name: (lambda f: lambda grid, block, args: f(*args))(f) for name, f in table.items()}
+
+    def launcher(f):
+        return lambda grid, block, args: f(*args)
+
+    return {name: launcher(f) for name, f in table.items()}
 
 
 @pytest.mark.parametrize("likelihood,optimizer,activation,bound",
                          [("bernoulli", "adam", "relu", 30.0), ("gaussian", "sgd", "tanh", 30.0),
-                          ("bernoulli", "adam", "softplus", None), ("gaussian", "adam", "sigmoid", 2.0)])  # fmt: skip
+                          ("bernoulli", "adam", "softplus", None), ("gaussian", "adam", "sigmoid", 2.0),
+                          ("gaussian_learned", "adam", "relu", 2.0), ("gaussian_learned", "sgd", "tanh", None)])  # fmt: skip
 def test_the_gpu_engines_wiring_on_numpy_matches_the_reference_step(likelihood, optimizer, activation, bound,
                                                                      monkeypatch):  # fmt: skip
     from scratchvae.engines import gpu as G

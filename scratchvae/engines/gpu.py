@@ -2,7 +2,7 @@ r"""The ``gpu`` engine: the reference step on CuPy in kept buffers and fused CUD
 
 Opt-in (``--engine gpu``) until a GPU run has checked it against the
 reference step: ``auto`` stays ``reference`` on CuPy. One ELBO step of a VAE
-with a Bernoulli or fixed-variance Gaussian likelihood is:
+with a Bernoulli or Gaussian (fixed or learned variance) likelihood is:
 
 * per dense layer, the product ``x W`` into a kept buffer, then one
   ``bias_activation`` kernel (forward), and ``activation_backward``, the
@@ -32,7 +32,7 @@ from .gpu_kernels import ACTIVATION_CODES, ELEMENT_TYPES, KERNELS, SOURCE
 from .reference import check_engine_arguments, check_step_beta
 
 THREADS_PER_BLOCK = 256
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 
 
 def compile_kernels(xp, dtype) -> dict:
@@ -42,16 +42,16 @@ def compile_kernels(xp, dtype) -> dict:
 
 
 def check_gpu_model(model, optimizer, objective) -> None:
-    """One line (``ValueError``) for what the gpu engine cannot run."""
+    """One line (``ValueError``) for what the gpu engine cannot run: what it computes first, then where."""
+    if not isinstance(model, VAE) or objective != "elbo" or model.likelihood not in LIKELIHOODS:
+        what = "an autoencoder" if not isinstance(model, VAE) else f"objective {objective!r} with {model.likelihood!r}"
+        raise ValueError(f"engine 'gpu' runs the ELBO of a VAE ({', '.join(LIKELIHOODS)} likelihood), not {what}; "
+                         "use engine 'reference'")  # fmt: skip
+    if not isinstance(optimizer, (Adam, SGD)):
+        raise ValueError(f"engine 'gpu' updates with Adam or SGD, not {type(optimizer).__name__}")
     if model.xp is np:
         raise ValueError("engine 'gpu' runs on CuPy arrays, and this model is on numpy: use backend 'cupy' "
                          "(--backend cupy), or engine 'cpu' or 'reference'")  # fmt: skip
-    if not isinstance(model, VAE) or objective != "elbo" or model.likelihood not in LIKELIHOODS:
-        what = "an autoencoder" if not isinstance(model, VAE) else f"objective {objective!r} with {model.likelihood!r}"
-        raise ValueError(f"engine 'gpu' runs the ELBO of a VAE with the {' or '.join(LIKELIHOODS)} likelihood, "
-                         f"not {what}; use engine 'reference'")  # fmt: skip
-    if not isinstance(optimizer, (Adam, SGD)):
-        raise ValueError(f"engine 'gpu' updates with Adam or SGD, not {type(optimizer).__name__}")
 
 
 class GPUEngine:
@@ -144,13 +144,16 @@ class GPUEngine:
         self._launch("reparameterize_kl", B * J, enc[-1], eps, z, log_var, sigma, kl_terms, np.int32(B), np.int32(J), c)
         # F4, F5 and B5: decoder, likelihood and its gradient in one kernel
         dec = self._forward(model.decoder, z, "dec")
-        nll_terms, d_dec_out = self._buffer("nll", (B, D)), self._buffer("d_dec_out", (B, D))
+        nll_terms, d_dec_out = self._buffer("nll", (B, D)), self._buffer("d_dec_out", dec[-1].shape)  # (B, D or 2D)
         scale = self._scalar(1.0 / B)
         if model.likelihood == "bernoulli":
             self._launch("bernoulli_nll", B * D, dec[-1], x, nll_terms, d_dec_out, np.int32(B * D), scale)
-        else:
+        elif model.likelihood == "gaussian":
             self._launch("gaussian_nll", B * D, dec[-1], x, nll_terms, d_dec_out, np.int32(B * D),
                          self._scalar(model.gaussian_log_var), scale)  # fmt: skip
+        else:
+            self._launch("gaussian_learned_nll", B * D, dec[-1], x, nll_terms, d_dec_out, np.int32(B), np.int32(D),
+                         c, scale)  # fmt: skip
         # F7, F8: batch means, left on the device
         recon_mean, kl_mean = nll_terms.sum() / B, kl_terms.sum() / B
         loss = recon_mean + self._scalar(beta) * kl_mean

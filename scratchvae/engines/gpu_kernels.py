@@ -88,6 +88,22 @@ extern "C" __global__ void gaussian_nll(const real* mean, const real* x, real* n
     d_mean[i] = scale * diff * inv_var;
 }
 
+// F5 and B5, Gaussian with a learned log-variance, for dec_out = [m, h] (B, 2D): lv = c tanh(h / c) (c = 0: h),
+// nll = 1/2 (log 2 pi + lv + (x - m)^2 e^{-lv}), d_m = scale (m - x) e^{-lv},
+// d_h = scale 1/2 (1 - (x - m)^2 e^{-lv}) (1 - (lv / c)^2) (c = 0: without the last factor), as d_dec_out (B, 2D).
+extern "C" __global__ void gaussian_learned_nll(const real* dec_out, const real* x, real* nll_terms, real* d_dec_out, int rows,
+                                                int D, real c, real scale) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * D) return;
+    int m_at = (i / D) * 2 * D + i % D, h_at = m_at + D;
+    real h = dec_out[h_at], lv = c > (real)0 ? c * tanh(h / c) : h;
+    real diff = dec_out[m_at] - x[i], inv_var = exp(-lv);
+    nll_terms[i] = (real)0.5 * ((real)1.8378770664093453 + lv + diff * diff * inv_var);
+    d_dec_out[m_at] = scale * diff * inv_var;
+    real d_lv = scale * (real)0.5 * ((real)1 - diff * diff * inv_var);
+    d_dec_out[h_at] = c > (real)0 ? d_lv * ((real)1 - (lv / c) * (lv / c)) : d_lv;
+}
+
 // B6, B3, B2: d_mu = d_z + (beta/B) mu; d_log_var = d_z eps sigma / 2 + (beta/B) (sigma^2 - 1) / 2;
 // d_h = d_log_var (1 - (log_var / c)^2) (c = 0: d_log_var), written as d_enc_out = [d_mu, d_h] (B, 2J).
 extern "C" __global__ void reparameterize_kl_backward(const real* d_z, const real* enc_out, const real* eps, const real* log_var,
@@ -158,7 +174,7 @@ extern "C" __global__ void philox_normal(real* out, long long n, unsigned int se
 
 KERNELS = (
     "bias_activation", "activation_backward", "reparameterize_kl", "bernoulli_nll", "gaussian_nll",
-    "reparameterize_kl_backward", "adam_update", "sgd_update", "philox_normal",
+    "gaussian_learned_nll", "reparameterize_kl_backward", "adam_update", "sgd_update", "philox_normal",
 )  # fmt: skip
 
 ELEMENT_TYPES = {"float32": "float", "float64": "double"}
