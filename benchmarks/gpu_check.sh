@@ -2,25 +2,29 @@
 # Every GPU check in one run, for a machine with an NVIDIA GPU and CuPy, PyTorch, JAX, pytest and hypothesis
 # (nothing is installed). Run from the checkout:
 #
-#     bash benchmarks/gpu_check.sh            # results in $OUT, or ./gpu-check-out
+#     bash benchmarks/gpu_check.sh                        # results in $OUT, or ./gpu-check-out
+#     STAGES="tests kernels" bash benchmarks/gpu_check.sh  # only these stages (versions always runs)
 #
 # Each stage has its own time limit, so one that hangs costs only its share: even if every stage ran to its
-# limit, the run would end within nine minutes (one device call). What comes
-# back is two files: summary.txt (each stage's status and the tail of its output) and gpu-check.tar.gz
-# (every log, JSON and Markdown file of the stages).
+# limit, the run would end within nine minutes (one device call); expect about four. What comes back is two
+# files: summary.txt (each stage's status and the tail of its output) and gpu-check.tar.gz (every log, JSON
+# and Markdown file of the stages). Without a GPU the stages that need one say so and are skipped; the
+# others run, so the script can be tried anywhere.
 #
-# Stages:
-#   versions    driver, CUDA, CuPy, PyTorch, JAX, NumPy
-#   tests       the cupy cases of the test suite, and tests/test_gpu.py (the gpu engine against the
-#               reference step, its noise against the Philox mirror, exact resume)
-#   throughput  ms per step at batch 32..2048: numpy (cpu engine), cupy reference and gpu engines,
-#               PyTorch CUDA eager and CUDA graph, JAX jit
-#   epochs      10 default MNIST epochs through the trainer with the gpu engine, beside PyTorch CUDA
-#   threads     on the same host: the numpy cpu engine on 1, 4, 8 and 16 threads beside PyTorch CPU
+# Stages (limit in seconds):
+#   versions    (20)  nvidia-smi, driver, CUDA, CuPy, PyTorch, JAX, NumPy, Python
+#   tests      (100)  the cupy cases of the test suite, and tests/test_gpu.py (the gpu engine against the
+#                     reference step for every likelihood, its noise against the Philox mirror, exact resume)
+#   throughput (170)  ms per step at batch 32..2048: numpy (cpu engine), cupy reference and gpu engines,
+#                     PyTorch CPU, CUDA eager and CUDA graph, JAX jit              [GPU]
+#   kernels     (60)  kernels per step of the cupy engines and the PyTorch CUDA rows (PyTorch's profiler) [GPU]
+#   epochs      (90)  10 default MNIST epochs through the trainer with the gpu engine, beside PyTorch CUDA [GPU]
+#   threads     (90)  on the same host: the numpy cpu engine on 1, 4, 8 and 16 threads beside PyTorch CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci
 OUT="${OUT:-$PWD/gpu-check-out}"
+STAGES="${STAGES:-tests throughput kernels epochs threads}"
 work="$OUT/gpu-check"
 mkdir -p "$work"
 summary="$OUT/summary.txt"
@@ -43,36 +47,49 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $work/NAME.
     } >>"$summary"
 }
 
-have_gpu() {
-    "$PY" -c "from scratchvae.backend import cupy_available; ok, why = cupy_available(); print(why); raise SystemExit(0 if ok else 1)"
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+
+gpu_why=$("$PY" -c "from scratchvae.backend import cupy_available; ok, why = cupy_available(); print('' if ok else why)" \
+    2>&1) || gpu_why="scratchvae.backend.cupy_available() failed: $gpu_why"
+gpu_stage() {  # gpu_stage NAME SECONDS COMMAND...: stage, or a line saying why it is skipped
+    if ! wanted "$1"; then
+        return
+    fi
+    if [ -n "$gpu_why" ]; then
+        echo "== $1: skipped, it needs the cupy backend: $gpu_why" >>"$summary"
+        return
+    fi
+    stage "$@"
 }
 
-stage versions 30 bash -c "nvidia-smi; $PY -c '
+stage versions 20 bash -c "nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
+--format=csv; $PY -c '
 import platform, numpy; print(\"python\", platform.python_version(), \"numpy\", numpy.__version__)
 for name in (\"cupy\", \"torch\", \"jax\"):
     try:
         m = __import__(name); print(name, m.__version__)
     except Exception as exc:
         print(name, \"unavailable:\", exc)
-import cupy; print(\"cuda runtime\", cupy.cuda.runtime.runtimeGetVersion(), \"driver\", cupy.cuda.runtime.driverGetVersion())
+try:
+    import cupy; print(\"cuda runtime\", cupy.cuda.runtime.runtimeGetVersion(), \"driver\", cupy.cuda.runtime.driverGetVersion())
+    import torch; print(\"torch cuda\", torch.version.cuda, torch.cuda.is_available())
+    import jax; print(\"jax devices\", jax.devices())
+except Exception as exc:
+    print(\"no GPU here:\", type(exc).__name__, exc)
 '"
 
-if ! why=$(have_gpu); then
-    echo "== no GPU stages: the cupy backend is unavailable here: $why" >>"$summary"
-    echo "   (trying the CPU stages only, as on a machine without a GPU)" >>"$summary"
-    stage throughput-cpu 240 "$PY" benchmarks/throughput.py --backends numpy --batch-sizes 32,128 --repeats 2 \
-        --min-time 0.1 --warmup 0.1 --roofline-time 0.05 --no-save --json "$work/throughput-cpu.json"
-else
-    stage tests 120 "$PY" -m pytest -q -p no:cacheprovider tests -k "cupy or gpu"
-    stage throughput 150 "$PY" benchmarks/throughput.py --backends numpy,cupy --engines auto,reference,gpu \
-        --batch-sizes 32,128,512,2048 --repeats 5 --min-time 0.2 --warmup 0.2 --roofline-time 0.05 \
-        --out-dir "$work" --json "$work/throughput.json"
-    stage epochs 90 "$PY" benchmarks/epoch.py --backend cupy --engine gpu --epochs 10 --out-dir "$work" \
-        --json "$work/epoch.json"
-    stage threads 120 "$PY" benchmarks/throughput.py --backends numpy --threads 1,4,8,16 --batch-sizes 128,2048 \
-        --repeats 3 --min-time 0.2 --warmup 0.2 --roofline-time 0.05 --tag cpu-threads --out-dir "$work" \
-        --json "$work/threads.json"
-fi
+wanted tests && stage tests 100 "$PY" -m pytest -q -p no:cacheprovider tests -k "cupy or gpu"
+gpu_stage throughput 170 "$PY" benchmarks/throughput.py --backends numpy,cupy --engines auto,reference,gpu \
+    --batch-sizes 32,128,512,2048 --repeats 3 --min-time 0.15 --warmup 0.15 --roofline-time 0.03 \
+    --out-dir "$work" --json "$work/throughput.json"
+gpu_stage kernels 60 "$PY" benchmarks/throughput.py --backends cupy --engines reference,gpu --count-kernels \
+    --jax off --batch-sizes 32,128,512,2048 --repeats 1 --min-time 0.05 --warmup 0.05 --roofline-time 0.01 \
+    --no-save --json "$work/kernels.json"
+gpu_stage epochs 90 "$PY" benchmarks/epoch.py --backend cupy --engine gpu --epochs 10 --out-dir "$work" \
+    --json "$work/epoch.json"
+wanted threads && stage threads 90 "$PY" benchmarks/throughput.py --backends numpy --threads 1,4,8,16 \
+    --batch-sizes 128,2048 --repeats 3 --min-time 0.15 --warmup 0.15 --roofline-time 0.03 --tag cpu-threads \
+    --out-dir "$work" --json "$work/threads.json"
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" gpu-check && rm -rf "$work"
 cat "$summary"

@@ -28,6 +28,11 @@ How it is measured:
   gradients :math:`2B\sum n_{in}n_{out}` over every layer but the first:
   3.28 MFLOP per example for 784-400-20.
 
+``--count-kernels`` adds, for every implementation on a GPU, the kernels the
+GPU runs per step, as PyTorch's profiler (CUPTI) records them: every kernel of
+the worker's process, whichever library launched it (cupy's and cuBLAS's as
+well as PyTorch's), counted over a few steps after the timing rounds.
+
 ``--profile B`` instead runs cProfile over numpy steps at batch size B and
 prints where the time goes, function by function.
 """
@@ -291,6 +296,14 @@ def _scratch_worker(conn, backend, min_time, warmup, roofline_time, threads=None
             close_steps()
 
     handlers["profile"] = profile
+
+    def kernels(batch):
+        try:
+            return _count_kernels(make_step(batch), sync)
+        finally:
+            close_steps()
+
+    handlers["kernels"] = kernels
     serve(conn, handlers)
 
 
@@ -359,6 +372,7 @@ def _torch_worker(conn, device, threads, min_time, warmup, roofline_time):
     handlers = _common_handlers(cases, torch.mm, empty, rand, layers, roofline_time, device == "cuda")
     handlers["info"] = info
     handlers["step"] = lambda batch: cases.time(("step", batch), lambda: make_step(batch))
+    handlers["kernels"] = lambda batch: _count_kernels(make_step(batch), sync)
     serve(conn, handlers)
 
 
@@ -455,6 +469,47 @@ def _jax_worker(conn, device, min_time, warmup, roofline_time):
     serve(conn, handlers)
 
 
+KERNEL_STEPS = 20  # steps profiled for --count-kernels
+
+
+def kernels_in_trace(trace: dict, steps: int) -> dict:
+    """Kernels and memory copies/sets per step in a Chrome trace of PyTorch's profiler (Kineto's categories)."""
+    names = {}
+    copies = 0
+    for event in trace.get("traceEvents", []):
+        if event.get("cat") == "kernel":
+            names[event["name"]] = names.get(event["name"], 0) + 1
+        elif event.get("cat") in ("gpu_memcpy", "gpu_memset"):
+            copies += 1
+    top = sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    return {"kernels_per_step": sum(names.values()) / steps, "copies_per_step": copies / steps,
+            "top_kernels": [{"name": name[:80], "per_step": n / steps} for name, n in top]}  # fmt: skip
+
+
+def _count_kernels(step, sync, steps=KERNEL_STEPS):
+    """The GPU kernels per call of ``step``, from PyTorch's profiler over ``steps`` calls; or why not."""
+    import tempfile
+
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError as exc:
+        return {"unavailable": f"counting needs PyTorch's profiler ({exc})"}
+    if not torch.cuda.is_available():
+        return {"unavailable": "this torch build sees no CUDA device"}
+    step()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+    return {**kernels_in_trace(trace, steps), "steps": steps, "counted_by": f"torch {torch.__version__} profiler"}
+
+
 def _profile(step, sync, seconds, top):
     """cProfile consecutive steps for ``seconds``; the costliest functions by own time, per step."""
     import cProfile
@@ -549,6 +604,7 @@ examples:
   python benchmarks/throughput.py --batch-sizes 32,128 --repeats 3 --no-save
   python benchmarks/throughput.py --engines reference,cpu  # the textbook step beside the fast one
   python benchmarks/throughput.py --backends numpy,cupy   # on a GPU machine
+  python benchmarks/throughput.py --backends cupy --engines reference,gpu --count-kernels  # kernels per step
   python benchmarks/throughput.py --profile 128           # where a step's time goes"""
 
 
@@ -586,6 +642,9 @@ def parse_args(argv=None):
                    help="time the same step as one JAX jit function (float32, matmul precision 'highest') on this "
                         "device; auto: on the GPU when cupy is timed, else off (default: auto)")  # fmt: skip
     add_shared_arguments(p)
+    p.add_argument("--count-kernels", action="store_true",
+                   help="after the timing rounds, count the kernels per step of every implementation on a GPU with "
+                        "PyTorch's profiler (CUPTI; cupy's kernels included); a column of the table")  # fmt: skip
     p.add_argument("--profile", type=int, default=None, metavar="B",
                    help="instead of the benchmark: cProfile numpy steps at batch size B and print the top costs")  # fmt: skip
     p.add_argument("--profile-time", type=float, default=3.0, metavar="S", help="seconds of steps to profile (default: %(default)s)")
@@ -753,14 +812,37 @@ def main(argv=None):
                 for label, gflops in workers[i].call("roofline").items():
                     roof[i].setdefault(label, []).append(gflops)
             _log(f"round {r + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)")
+        kernels = count_kernels(workers, args, notes) if args.count_kernels else {}
     finally:
         for w in workers.values():
             w.close()
 
     machine["load_average_end"] = load_average()
-    results = assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n_steps, threads)
+    results = assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n_steps, threads, kernels)
     table = print_table(results)
     write_outputs(args, results, table)
+
+
+def count_kernels(workers, args, notes) -> dict:
+    """``{(impl, batch): counts}`` for each implementation on a GPU (see ``_count_kernels``); a failure is a note."""
+    out = {}
+    for impl, w in workers.items():
+        if impl.startswith("jax-gpu"):
+            notes.append(f"{impl}: kernels not counted (JAX's own profiler is not wired in)")
+        if not impl.startswith(("scratchvae-cupy", "torch-cuda")):
+            continue
+        for b in args.batch_sizes:
+            try:
+                counted = w.call("kernels", b)
+            except WorkerError as exc:
+                notes.append(f"{impl}: kernels not counted: {str(exc).splitlines()[-1]}")
+                break
+            if "unavailable" in counted:
+                notes.append(f"{impl}: kernels not counted: {counted['unavailable']}")
+                break
+            out[impl, b] = counted
+        _log(f"{impl}: kernels counted" if (impl, args.batch_sizes[0]) in out else f"{impl}: kernels not counted")
+    return out
 
 
 def _peer(impl):
@@ -769,7 +851,7 @@ def _peer(impl):
     return "torch-cuda" if on_gpu else "torch-cpu"
 
 
-def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n_steps, threads):
+def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n_steps, threads, kernels=None):
     roofline = {}
     for impl, shapes in roof.items():
         per_shape = {label: summarize(v) for label, v in shapes.items()}
@@ -791,6 +873,7 @@ def assemble(args, machine, infos, env_note, notes, flops, steps, gemms, roof, n
             "fraction_of_peak": gflops / roofline[impl]["peak_gflops"],
             "gemm_ms": 1e3 * g["median"], "gemm_fraction": g["median"] / sec,
             "samples_ms": [1e3 * x for x in samples],
+            "kernels": (kernels or {}).get((impl, b)),
         })  # fmt: skip
     by_key = {(r["impl"], r["batch"]): r for r in rows}
     for r in rows:
@@ -822,6 +905,18 @@ HEADERS = ["impl", "batch", "ms/step", "IQR ms", "examples/s", "GFLOP/s", "% pea
            "same-round ratio (IQR)"]  # fmt: skip
 
 
+KERNELS_HEADER = "kernels/step"
+
+
+def _counted(results) -> bool:
+    return any(r.get("kernels") for r in results["rows"])
+
+
+def _headers(results):
+    """:data:`HEADERS`, and the kernels per step where they were counted (``--count-kernels`` on a GPU)."""
+    return HEADERS + [KERNELS_HEADER] if _counted(results) else HEADERS
+
+
 def _table_rows(results):
     out = []
     for r in results["rows"]:
@@ -832,6 +927,8 @@ def _table_rows(results):
             f"{r['speed_vs_torch']:.2f}x" if r["speed_vs_torch"] else "-",
             _ratio_range(r["speed_vs_torch_same_round"]),
         ])  # fmt: skip
+        if _counted(results):
+            out[-1].append(f"{r['kernels']['kernels_per_step']:g}" if r.get("kernels") else "-")
     return out
 
 
@@ -876,7 +973,7 @@ def _header_lines(results):
 
 
 def print_table(results):
-    table = text_table(HEADERS, _table_rows(results))
+    table = text_table(_headers(results), _table_rows(results))
     print()
     for line in _header_lines(results):
         print(line)
@@ -898,7 +995,7 @@ def write_markdown(path, results):
     if results["note"]:
         lines += [f"**Note:** {results['note']}", ""]
     lines += [f"- {line}" for line in _header_lines(results)]
-    lines += ["", markdown_table(HEADERS, _table_rows(results)), ""]
+    lines += ["", markdown_table(_headers(results), _table_rows(results)), ""]
     lines += ["Roofline (best float32 matmul in the same run, GFLOP/s):", ""]
     lines += [f"- {line}" for line in _roofline_lines(results)]
     lines += [
@@ -909,7 +1006,9 @@ def write_markdown(path, results):
         "`speed vs torch`: PyTorch's time over this row's time on the same device (above 1: faster than PyTorch); "
         "`same-round ratio`: the median (and interquartile range) over rounds of the same ratio taken within "
         "each round, where the two were timed one after the other, so that a slow spell of the machine "
-        "weighs on both sides of each ratio.",
+        "weighs on both sides of each ratio."
+        + (" `kernels/step`: the kernels the GPU ran per step (every library's), from PyTorch's profiler "
+           "(CUPTI) over a few steps after the timing rounds." if _counted(results) else ""),
     ]
     lines += [f"\nNote: {n}" for n in results["notes"]]
     path.write_text("\n".join(lines) + "\n")

@@ -53,15 +53,15 @@ def test_step_flops_are_counted_from_the_layer_sizes(throughput):
     assert throughput.step_flops_per_example(layers) == 2 * sum(per_layer) + sum(per_layer[1:]) == 3_280_000
 
 
-def assembled(throughput, steps):
-    """What ``assemble`` makes of per-round step times (seconds), ``{(impl, batch): [...]}``."""
+def assembled(throughput, steps, kernels=None):
+    """What ``assemble`` makes of per-round step times (seconds), ``{(impl, batch): [...]}`` (and kernel counts)."""
     impls = sorted({impl for impl, _ in steps})
     args = SimpleNamespace(note="", batch_sizes=sorted({b for _, b in steps}), repeats=len(next(iter(steps.values()))),
                            min_time=0.5, warmup=0.5, roofline_time=0.2, threads=None, blas_threads=None)  # fmt: skip
     return throughput.assemble(
         args, machine={}, infos={i: {"device": "cpu"} for i in impls}, env_note={}, notes=[], flops=3_280_000,
         steps=steps, gemms={k: [0.002] * len(v) for k, v in steps.items()},
-        roof={i: {"square 1024": [200.0]} for i in impls}, n_steps={k: 100 for k in steps}, threads=2,
+        roof={i: {"square 1024": [200.0]} for i in impls}, n_steps={k: 100 for k in steps}, threads=2, kernels=kernels,
     )  # fmt: skip
 
 
@@ -97,6 +97,60 @@ def test_without_pytorch_there_is_no_ratio(throughput):
     row = out["rows"][0]
     assert row["speed_vs_torch"] is None and row["speed_vs_torch_same_round"] is None
     assert throughput._table_rows(out)[0][-2:] == ["-", "-"]
+
+
+def test_kernels_are_counted_per_step_from_the_profilers_kernel_events(throughput):
+    trace = {"traceEvents": [
+        *[{"cat": "kernel", "name": "bias_activation"}] * 8, *[{"cat": "kernel", "name": "sgemm_128x64"}] * 22,
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD"}, {"cat": "gpu_memset", "name": "Memset"},
+        {"cat": "cuda_driver", "name": "cuLaunchKernel"}, {"cat": "cpu_op", "name": "aten::mm"}, {"ph": "M"},
+    ]}  # fmt: skip
+    counted = throughput.kernels_in_trace(trace, steps=2)
+    assert counted["kernels_per_step"] == 15 and counted["copies_per_step"] == 1
+    assert counted["top_kernels"] == [{"name": "sgemm_128x64", "per_step": 11}, {"name": "bias_activation", "per_step": 4}]
+
+
+def test_the_kernels_column_appears_only_where_kernels_were_counted(throughput):
+    steps = {("scratchvae-cupy", 128): [0.001], ("torch-cuda", 128): [0.002]}
+    out = assembled(throughput, steps)
+    assert throughput._headers(out) == throughput.HEADERS and len(throughput._table_rows(out)[0]) == len(throughput.HEADERS)
+    counted = {("scratchvae-cupy", 128): {"kernels_per_step": 32.0, "copies_per_step": 0.0, "top_kernels": []}}
+    out = assembled(throughput, steps, kernels=counted)
+    rows = [dict(zip(throughput._headers(out), row)) for row in throughput._table_rows(out)]
+    assert [r["kernels/step"] for r in rows] == ["32", "-"]
+
+
+def test_kernels_are_asked_of_the_gpu_workers_only_and_a_failure_is_a_note(throughput):
+    class Fake:
+        def __init__(self, answer):
+            self.answer, self.asked = answer, []
+
+        def call(self, command, batch):
+            self.asked.append((command, batch))
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    counted = {"kernels_per_step": 32.0}
+    workers = {"scratchvae-numpy": Fake(counted), "scratchvae-cupy-gpu": Fake(counted), "torch-cuda": Fake({"unavailable": "no"}),
+               "torch-cuda-graph": Fake(throughput.WorkerError("worker torch-cuda-graph failed on 'kernels':\nboom")),
+               "jax-gpu": Fake(counted)}  # fmt: skip
+    notes = []
+    out = throughput.count_kernels(workers, SimpleNamespace(batch_sizes=[32, 128]), notes)
+    assert out == {("scratchvae-cupy-gpu", 32): counted, ("scratchvae-cupy-gpu", 128): counted}
+    assert workers["scratchvae-numpy"].asked == workers["jax-gpu"].asked == []
+    assert workers["torch-cuda"].asked == [("kernels", 32)]  # one refusal is enough for that worker
+    assert notes == ["torch-cuda: kernels not counted: no", "torch-cuda-graph: kernels not counted: boom",
+                     "jax-gpu: kernels not counted (JAX's own profiler is not wired in)"]  # fmt: skip
+
+
+def test_without_a_cuda_device_kernels_are_not_counted_and_say_why(throughput):
+    pytest.importorskip("torch", reason="the count uses PyTorch's profiler")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the count runs in benchmarks/gpu_check.sh")
+    assert throughput._count_kernels(lambda: None, lambda: None) == {"unavailable": "this torch build sees no CUDA device"}
 
 
 def test_the_gpu_check_script_is_valid_bash_and_its_benchmark_flags_parse():
