@@ -1,8 +1,9 @@
 """The ``gpu`` engine: its kernels compile (NVRTC, no GPU needed), its noise generator matches Philox's published
-test vectors, it refuses what it cannot run, and, where a GPU is present, it matches the reference step and
-resumes bitwise.
+test vectors, it refuses what it cannot run, its Python side (and the trainer's, with an interruption and a
+resume) matches the reference step with each kernel transcribed in NumPy, and, where a GPU is present, the real
+kernels match the reference step and resume bitwise.
 
-Without a GPU only the first three run; ``benchmarks/gpu_check.sh`` runs the rest on a GPU machine.
+Without a GPU the cupy cases are left out; ``benchmarks/gpu_check.sh`` runs them on a GPU machine.
 """
 
 import re
@@ -197,6 +198,37 @@ def test_a_resumed_gpu_run_is_bitwise_an_uninterrupted_one(backend, xp):
     state = (half.params.copy(), {k: (v.copy() if hasattr(v, "copy") else v) for k, v in opt.state_dict().items()})
     resumed, _ = run(6, state)
     assert bool((resumed.params == whole.params).all())
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_an_interrupted_run_of_the_gpu_engine_resumes_bitwise(backend, binarize, tmp_path, monkeypatch):
+    """The trainer with the gpu engine, stopped inside an epoch (as a signal stops it) and resumed from its
+    checkpoint: the parameters of an uninterrupted run, bit for bit. On NumPy the kernels are their NumPy
+    transcriptions (below), which checks the trainer's side of it without a GPU."""
+    from scratchvae import train as T
+    from scratchvae.engines import gpu as G
+
+    if backend == "numpy":
+        monkeypatch.setattr(G, "compile_kernels", lambda xp, dtype: _numpy_kernels())
+        monkeypatch.setattr(G, "check_gpu_model", lambda *args: None)
+    monkeypatch.setattr(T.Run, "pictures", lambda self: [])  # (the pictures take most of the time here)
+
+    def config(out, **kw):
+        return T.TrainConfig(epochs=2, batch_size=64, train_size=256, test_size=64, hidden=(32,), latent_dim=4,
+                             backend=backend, engine="gpu", binarize=binarize, out=str(tmp_path / out), **kw)  # fmt: skip
+
+    straight = T.Run(config("whole"), log=lambda *_: None)
+    straight.run()
+    run = T.Run(config("split"), log=lambda *_: None)
+    run.out.mkdir(parents=True)
+    calls = []
+    with pytest.raises(T._Interrupted):  # the third step's interruption check stops it, with a checkpoint
+        run.train_epoch(lambda: calls.append(1) or len(calls) == 3)
+    assert run.engine.name == "gpu" and run.opt.t == 3
+    resumed = T.Run(config("split", resume=True), log=lambda *_: None)
+    resumed.run()
+    assert bool((resumed.model.params == straight.model.params).all())
+    assert not bool((run.model.params == straight.model.params).all())  # it did train on after the checkpoint
 
 
 @pytest.mark.parametrize("binarize", ["none", "static"])
