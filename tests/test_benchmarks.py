@@ -107,13 +107,15 @@ def test_kernels_are_counted_per_step_from_the_profilers_kernel_events(throughpu
     ]}  # fmt: skip
     counted = throughput.kernels_in_trace(trace, steps=2)
     assert counted["kernels_per_step"] == 15 and counted["copies_per_step"] == 1
-    assert counted["top_kernels"] == [{"name": "sgemm_128x64", "per_step": 11}, {"name": "bias_activation", "per_step": 4}]
+    assert counted["top_kernels"] == [{"name": "sgemm_128x64", "per_step": 11},
+                                      {"name": "bias_activation", "per_step": 4}]  # fmt: skip
 
 
 def test_the_kernels_column_appears_only_where_kernels_were_counted(throughput):
     steps = {("scratchvae-cupy", 128): [0.001], ("torch-cuda", 128): [0.002]}
     out = assembled(throughput, steps)
-    assert throughput._headers(out) == throughput.HEADERS and len(throughput._table_rows(out)[0]) == len(throughput.HEADERS)
+    assert throughput._headers(out) == throughput.HEADERS
+    assert len(throughput._table_rows(out)[0]) == len(throughput.HEADERS)
     counted = {("scratchvae-cupy", 128): {"kernels_per_step": 32.0, "copies_per_step": 0.0, "top_kernels": []}}
     out = assembled(throughput, steps, kernels=counted)
     rows = [dict(zip(throughput._headers(out), row)) for row in throughput._table_rows(out)]
@@ -132,16 +134,16 @@ def test_kernels_are_asked_of_the_gpu_workers_only_and_a_failure_is_a_note(throu
             return self.answer
 
     counted = {"kernels_per_step": 32.0}
-    workers = {"scratchvae-numpy": Fake(counted), "scratchvae-cupy-gpu": Fake(counted), "torch-cuda": Fake({"unavailable": "no"}),
-               "torch-cuda-graph": Fake(throughput.WorkerError("worker torch-cuda-graph failed on 'kernels':\nboom")),
-               "jax-gpu": Fake(counted)}  # fmt: skip
+    died = throughput.WorkerError("worker torch-cuda-graph failed on 'kernels':\nboom")
+    workers = {"scratchvae-numpy": Fake(counted), "scratchvae-cupy-gpu": Fake(counted), "jax-gpu": Fake(counted),
+               "torch-cuda": Fake({"unavailable": "no"}), "torch-cuda-graph": Fake(died)}  # fmt: skip
     notes = []
     out = throughput.count_kernels(workers, SimpleNamespace(batch_sizes=[32, 128]), notes)
     assert out == {("scratchvae-cupy-gpu", 32): counted, ("scratchvae-cupy-gpu", 128): counted}
     assert workers["scratchvae-numpy"].asked == workers["jax-gpu"].asked == []
     assert workers["torch-cuda"].asked == [("kernels", 32)]  # one refusal is enough for that worker
-    assert notes == ["torch-cuda: kernels not counted: no", "torch-cuda-graph: kernels not counted: boom",
-                     "jax-gpu: kernels not counted (JAX's own profiler is not wired in)"]  # fmt: skip
+    assert notes == ["jax-gpu: kernels not counted (JAX's own profiler is not wired in)",
+                     "torch-cuda: kernels not counted: no", "torch-cuda-graph: kernels not counted: boom"]  # fmt: skip
 
 
 def test_without_a_cuda_device_kernels_are_not_counted_and_say_why(throughput):
@@ -150,7 +152,8 @@ def test_without_a_cuda_device_kernels_are_not_counted_and_say_why(throughput):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the count runs in benchmarks/gpu_check.sh")
-    assert throughput._count_kernels(lambda: None, lambda: None) == {"unavailable": "this torch build sees no CUDA device"}
+    counted = throughput._count_kernels(lambda: None, lambda: None)
+    assert counted == {"unavailable": "this torch build sees no CUDA device"}
 
 
 def test_the_gpu_check_script_is_valid_bash_and_its_benchmark_flags_parse():
