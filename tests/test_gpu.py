@@ -1,13 +1,15 @@
 """The ``gpu`` engine: its kernels compile (NVRTC, no GPU needed), its noise generator matches Philox's published
 test vectors, it refuses what it cannot run, its Python side (and the trainer's, with an interruption and a
-resume) matches the reference step with each kernel transcribed in NumPy, and, where a GPU is present, the real
-kernels match the reference step and resume bitwise.
+resume) matches the reference step with each kernel transcribed in NumPy and with the CUDA source itself compiled
+for the CPU (``cuda_on_cpu``), and, where a GPU is present, the kernels on the GPU match the reference step and
+resume bitwise.
 
 Without a GPU the cupy cases are left out; ``benchmarks/gpu_check.sh`` runs them on a GPU machine.
 """
 
 import re
 
+import cuda_on_cpu
 import numpy as np
 import pytest
 
@@ -345,25 +347,44 @@ def _numpy_kernels():
     return {name: launcher(f) for name, f in table.items()}
 
 
+def kernels_on_the_cpu(how, dtype):
+    """The gpu engine's kernels on the CPU: their NumPy transcriptions (above), or their CUDA source itself,
+    compiled as C++ (``cuda_on_cpu``: each thread run after the other)."""
+    if how == "transcribed":
+        return _numpy_kernels()
+    if cuda_on_cpu.compiler() is None:
+        pytest.skip("no C++ compiler here to build the CUDA source for the CPU")
+    return cuda_on_cpu.cpu_kernels(dtype)
+
+
+# Tolerances against the reference step: float64 to rounding; float32 as the GPU comparison above.
+CPU_TOL = {"float64": (1e-12, 1e-12), "float32": (2e-5, 1e-6)}  # (relative, absolute for the losses)
+
+
+@pytest.mark.parametrize("kernels,dtype",
+                         [("transcribed", "float64"), ("compiled", "float64"), ("compiled", "float32")])  # fmt: skip
 @pytest.mark.parametrize("likelihood,optimizer,activation,bound",
                          [("bernoulli", "adam", "relu", 30.0), ("gaussian", "sgd", "tanh", 30.0),
                           ("bernoulli", "adam", "softplus", None), ("gaussian", "adam", "sigmoid", 2.0),
                           ("gaussian_learned", "adam", "relu", 2.0), ("gaussian_learned", "sgd", "tanh", None)])  # fmt: skip
-def test_the_gpu_engines_wiring_on_numpy_matches_the_reference_step(likelihood, optimizer, activation, bound,
-                                                                     monkeypatch):  # fmt: skip
+def test_the_gpu_engine_on_the_cpu_matches_the_reference_step(likelihood, optimizer, activation, bound, kernels,
+                                                              dtype, monkeypatch):  # fmt: skip
+    """The engine's Python side (buffers, argument order, which kernel when) with its kernels run on the CPU."""
     from scratchvae.engines import gpu as G
 
-    monkeypatch.setattr(G, "compile_kernels", lambda xp, dtype: _numpy_kernels())
+    table = kernels_on_the_cpu(kernels, dtype)
+    monkeypatch.setattr(G, "compile_kernels", lambda xp, dtype: table)
     monkeypatch.setattr(G, "check_gpu_model", lambda *args: None)  # (it refuses NumPy models)
 
     def build():
         m = sv.VAE(20, (16, 12), 3, likelihood=likelihood, activation=activation, log_var_bound=bound,
-                   dtype="float64", seed=1)  # fmt: skip
+                   dtype=dtype, seed=1)  # fmt: skip
         return m, {"adam": sv.Adam, "sgd": sv.SGD}[optimizer](m, lr=1e-2)
 
+    rtol, atol = CPU_TOL[dtype]
     ref, ref_opt = build()
     model, opt = build()
-    x = data(np, likelihood).astype(np.float64)
+    x = data(np, likelihood).astype(dtype)
     engine = G.GPUEngine(model, opt)
     for t in range(20):
         beta = 0.5 if t % 2 else 1.0
@@ -372,7 +393,21 @@ def test_the_gpu_engines_wiring_on_numpy_matches_the_reference_step(likelihood, 
         ref_opt.step()
         got = engine.step(x, beta)
         for a, b in zip(got, expected):
-            np.testing.assert_allclose(float(a), float(b), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(model.grads, ref.grads, rtol=0, atol=1e-12 * abs(ref.grads).max())
-    np.testing.assert_allclose(model.params, ref.params, rtol=0, atol=1e-12 * abs(ref.params).max())
+            np.testing.assert_allclose(float(a), float(b), rtol=rtol, atol=atol)
+        if dtype == "float64":  # in float32, as on the GPU, the losses and the final parameters (rounding grows)
+            np.testing.assert_allclose(model.grads, ref.grads, rtol=0, atol=rtol * abs(ref.grads).max())
+    np.testing.assert_allclose(model.params, ref.params, rtol=0, atol=rtol * abs(ref.params).max())
     assert opt.t == ref_opt.t == 20
+
+
+@pytest.mark.parametrize("dtype", sorted(ELEMENT_TYPES))
+def test_the_noise_kernels_source_compiled_for_the_cpu_is_the_philox_mirror(dtype):
+    table = kernels_on_the_cpu("compiled", dtype)
+    seed, n = 12345678901, 1001
+    out = np.empty(n, dtype=dtype)
+    threads = -(-n // 4)  # one per four numbers
+    key = (np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32))
+    args = (out, np.int64(n), *key, np.uint32(7), np.uint32(STREAM_NOISE))
+    table["philox_normal"]((-(-threads // 256),), (256,), args)
+    expected = philox_normal(n, seed, 7, STREAM_NOISE)
+    np.testing.assert_allclose(out, expected, rtol=1e-14 if dtype == "float64" else 1e-7, atol=0)
