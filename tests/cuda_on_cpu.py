@@ -84,11 +84,15 @@ def _library(dtype: str):
 
 
 def _c_argument(ctype_of_real, type_name, value):
+    """``value`` as the C parameter ``type_name``; a pointer to an array's data (NumPy's scalars, such as a sum,
+    stand for 0-d arrays, as CuPy's sums are: read-only, so ``const`` parameters only)."""
     if type_name.endswith("*"):
+        if isinstance(value, np.generic) and type_name.startswith("const "):
+            value = np.array(value)
         assert isinstance(value, np.ndarray) and value.flags.c_contiguous, type_name
-        return ctypes.c_void_p(value.ctypes.data)
+        return ctypes.c_void_p(value.ctypes.data), value
     return {"int": ctypes.c_int, "long long": ctypes.c_longlong, "unsigned int": ctypes.c_uint,
-            "real": ctype_of_real}[type_name](value)  # fmt: skip
+            "real": ctype_of_real}[type_name](value), value  # fmt: skip
 
 
 def cpu_kernels(dtype) -> dict:
@@ -96,12 +100,12 @@ def cpu_kernels(dtype) -> dict:
     library, real = _library(np.dtype(dtype).name)
 
     def kernel(name, params):
-        launch, types = getattr(library, f"launch_{name}"), [t.replace("const ", "") for t, _ in params]
+        launch, types = getattr(library, f"launch_{name}"), [t for t, _ in params]
 
         def run(grid, block, args):
             assert len(args) == len(types), (name, len(args), types)
-            c_args = [_c_argument(real, t, a) for t, a in zip(types, args)]
-            launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *c_args)
+            converted = [_c_argument(real, t, a) for t, a in zip(types, args)]  # (keeps the arrays alive for the call)
+            launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *(c for c, _ in converted))
 
         return run
 

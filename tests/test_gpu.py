@@ -317,6 +317,10 @@ def _numpy_kernels():
         d_lv = scale * 0.5 * (1 - diff * diff * inv_var)
         d_dec_out[:, D:] = d_lv * (1 - (lv / c) ** 2) if c > 0 else d_lv
 
+    def batch_means(nll_sum, kl_sum, parts, B, beta):
+        recon, kl = nll_sum / B, kl_sum / B
+        parts[...] = [recon + beta * kl, recon, kl]
+
     def reparameterize_kl_backward(d_z, enc_out, eps, log_var, sigma, d_enc_out, rows, J, beta_b, c):
         d_lv = d_z * eps * sigma * 0.5 + beta_b * 0.5 * (sigma * sigma - 1)
         d_enc_out[:, :J] = d_z + beta_b * enc_out[:, :J]
@@ -336,8 +340,8 @@ def _numpy_kernels():
         out[...] = philox_normal(int(n), int(seed_lo) | int(seed_hi) << 32, int(t), int(stream)).reshape(out.shape)
 
     table = {f.__name__: f for f in (bias_activation, activation_backward, reparameterize_kl, bernoulli_nll,
-                                     gaussian_nll, gaussian_learned_nll, reparameterize_kl_backward, adam_update,
-                                     sgd_update)}  # fmt: skip
+                                     gaussian_nll, gaussian_learned_nll, batch_means, reparameterize_kl_backward,
+                                     adam_update, sgd_update)}  # fmt: skip
     table["philox_normal"] = philox
     assert sorted(table) == sorted(KERNELS)
 
@@ -398,6 +402,30 @@ def test_the_gpu_engine_on_the_cpu_matches_the_reference_step(likelihood, optimi
             np.testing.assert_allclose(model.grads, ref.grads, rtol=0, atol=rtol * abs(ref.grads).max())
     np.testing.assert_allclose(model.params, ref.params, rtol=0, atol=rtol * abs(ref.params).max())
     assert opt.t == ref_opt.t == 20
+
+
+def test_a_step_of_the_default_model_is_eleven_products_and_twelve_kernels(monkeypatch):
+    """The launches engines/gpu.py's docstring counts (its six sums are CuPy's, uncounted here)."""
+    from scratchvae.engines import gpu as G
+
+    launched = []
+
+    def counted(name, kernel):
+        return lambda *args: launched.append(name) or kernel(*args)
+
+    kernels = {name: counted(name, kernel) for name, kernel in _numpy_kernels().items()}
+    monkeypatch.setattr(G, "compile_kernels", lambda xp, dtype: kernels)
+    monkeypatch.setattr(G, "check_gpu_model", lambda *args: None)
+    model = sv.VAE(784, (400,), 20)
+    engine = G.GPUEngine(model, sv.Adam(model))
+    x = data(np, "bernoulli", (128, 784))
+    engine.step(x, check_input=False)  # (buffers made)
+    launched.clear()
+    products = []
+    monkeypatch.setattr(np, "matmul", lambda a, b, out: products.append(out.shape) or out.__setitem__(..., a @ b))
+    engine.step(x, check_input=False)
+    assert len(products) == 11 and len(launched) == 12, (products, launched)
+    assert launched.count("bias_activation") == 4 and launched.count("activation_backward") == 2
 
 
 @pytest.mark.parametrize("dtype", sorted(ELEMENT_TYPES))

@@ -9,10 +9,16 @@ with a Bernoulli or Gaussian (fixed or learned variance) likelihood is:
   products for ``d_W``, ``d_x`` and one sum for ``d_b`` (backward);
 * ``philox_normal`` for the noise, ``reparameterize_kl`` for
   :math:`z = \mu + \sigma\epsilon` and the KL terms, the likelihood kernel for
-  :math:`-\log p(x|z)` and its gradient at once, ``reparameterize_kl_backward``
-  for the gradient of the encoder's output, and one ``adam_update`` or
-  ``sgd_update`` over the flat parameter buffer
-  (:mod:`~scratchvae.engines.gpu_kernels` holds their sources and formulas).
+  :math:`-\log p(x|z)` and its gradient at once, two sums and ``batch_means``
+  for the loss and its parts, ``reparameterize_kl_backward`` for the gradient
+  of the encoder's output, and one ``adam_update`` or ``sgd_update`` over the
+  flat parameter buffer (:mod:`~scratchvae.engines.gpu_kernels` holds their
+  sources and formulas).
+
+For the default 784-400-20 model that is 29 launches a step, counted from the
+code: 11 matrix products, 6 sums (4 bias gradients, 2 for the loss) and 12
+kernels of its own; ``benchmarks/throughput.py --count-kernels`` counts what
+the GPU actually runs (cuBLAS may split a product into more than one kernel).
 
 Nothing in a step waits for the GPU: the returned losses are 0-d device
 arrays, read when the trainer reads them. The noise of step ``t`` (the
@@ -154,9 +160,9 @@ class GPUEngine:
         else:
             self._launch("gaussian_learned_nll", B * D, dec[-1], x, nll_terms, d_dec_out, np.int32(B), np.int32(D),
                          c, scale)  # fmt: skip
-        # F7, F8: batch means, left on the device
-        recon_mean, kl_mean = nll_terms.sum() / B, kl_terms.sum() / B
-        loss = recon_mean + self._scalar(beta) * kl_mean
+        # F7, F8: batch means, left on the device (a new array each step: the trainer reads them later)
+        parts = xp.empty(3, dtype=model.dtype)
+        self._launch("batch_means", 1, nll_terms.sum(), kl_terms.sum(), parts, self._scalar(B), self._scalar(beta))
         # B4: decoder backward; B6, B3, B2: encoder output's gradient; B1: encoder backward
         d_z = self._backward(model.decoder, z, dec, d_dec_out, "dec")
         d_enc_out = self._buffer("d_enc_out", (B, 2 * J))
@@ -164,7 +170,7 @@ class GPUEngine:
                      np.int32(J), self._scalar(beta / B), c)  # fmt: skip
         self._backward(model.encoder, x, enc, d_enc_out, "enc")
         self._update()
-        return Loss(loss, recon_mean, kl_mean)
+        return Loss(parts[0], parts[1], parts[2])
 
     def _update(self):
         """The optimiser's step (as ``optimizer.step()`` computes it) in one kernel over the flat buffer."""

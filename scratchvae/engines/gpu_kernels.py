@@ -104,6 +104,15 @@ extern "C" __global__ void gaussian_learned_nll(const real* dec_out, const real*
     d_dec_out[h_at] = c > (real)0 ? d_lv * ((real)1 - (lv / c) * (lv / c)) : d_lv;
 }
 
+// F7, F8: recon = sum(nll terms) / B, kl = sum(KL terms) / B, loss = recon + beta kl, as parts = [loss, recon, kl].
+extern "C" __global__ void batch_means(const real* nll_sum, const real* kl_sum, real* parts, real B, real beta) {
+    if (blockIdx.x * blockDim.x + threadIdx.x != 0) return;
+    real recon = nll_sum[0] / B, kl = kl_sum[0] / B;
+    parts[0] = recon + beta * kl;
+    parts[1] = recon;
+    parts[2] = kl;
+}
+
 // B6, B3, B2: d_mu = d_z + (beta/B) mu; d_log_var = d_z eps sigma / 2 + (beta/B) (sigma^2 - 1) / 2;
 // d_h = d_log_var (1 - (log_var / c)^2) (c = 0: d_log_var), written as d_enc_out = [d_mu, d_h] (B, 2J).
 extern "C" __global__ void reparameterize_kl_backward(const real* d_z, const real* enc_out, const real* eps, const real* log_var,
@@ -174,7 +183,7 @@ extern "C" __global__ void philox_normal(real* out, long long n, unsigned int se
 
 KERNELS = (
     "bias_activation", "activation_backward", "reparameterize_kl", "bernoulli_nll", "gaussian_nll",
-    "gaussian_learned_nll", "reparameterize_kl_backward", "adam_update", "sgd_update", "philox_normal",
+    "gaussian_learned_nll", "batch_means", "reparameterize_kl_backward", "adam_update", "sgd_update", "philox_normal",
 )  # fmt: skip
 
 ELEMENT_TYPES = {"float32": "float", "float64": "double"}
