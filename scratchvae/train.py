@@ -124,7 +124,7 @@ class TrainConfig:
     train_size: int | None = None
     test_size: int | None = None
     checkpoint_every: int = 0  # also save every N steps inside an epoch (0: only at epoch ends)
-    engine: str = "auto"  # how a step runs (scratchvae.engines): auto, reference or cpu
+    engine: str = "auto"  # how a step runs (scratchvae.engines): auto, reference, cpu or gpu
     threads: int | None = None  # threads of the cpu engine's steps (None: one per CPU, at most 8)
 
     # Fields that must agree between a run and its resumption.
