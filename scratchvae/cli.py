@@ -316,7 +316,9 @@ def cmd_train(args) -> int:
         print(f"the data are not images: samples and reconstructions are arrays in {out}/: {', '.join(arrays)} "
               "(numpy.load them)")  # fmt: skip
     print(f"pictures in {out}/: {', '.join(pics)}; metrics in {out / 'metrics.jsonl'}")
-    print(f"evaluate with: scratchvae evaluate {out} --iwae-k 1000" + (" --n-test 2000" if args.data is None else ""))
+    prog = "python -m scratchvae" if Path(sys.argv[0]).name == "__main__.py" else "scratchvae"
+    print(f"evaluate with: {prog} evaluate {shlex.quote(str(out))} --iwae-k 1000"
+          + (" --n-test 2000" if args.data is None else ""))  # fmt: skip
     return 0
 
 
@@ -368,6 +370,12 @@ def test_data(args, ckpt, model, path):
         if not (isinstance(validation, float) and 0 < validation < 1 and isinstance(seed, int) and seed >= 0):
             raise CheckpointError(f"checkpoint {path} has a malformed training configuration (validation, seed)")
         ds = datasets.load_file(data, validation=validation, seed=seed)
+        fingerprint = data_meta.get("fingerprint")
+        if isinstance(fingerprint, str) and fingerprint != datasets.prepare(
+            ds, likelihood=model.likelihood, binarize=binarize, train_size=train_cfg.get("train_size")
+        ).fingerprint():  # the split would not be the run's: its test rows might be training rows
+            raise ValueError(f"{data} is not the data {path} was trained on (its training rows differ, so its "
+                             "held-out rows would not be the run's); give --data the file the run used")  # fmt: skip
     elif model.input_dim == 784 and data_meta.get("source", "MNIST") == "MNIST":  # (older checkpoints: MNIST)
         data_dir = args.data_dir
         saved_dir = train_cfg.get("data_dir")
@@ -493,12 +501,18 @@ def stop_on_signals() -> dict:
     return previous
 
 
-def main(argv=None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 diverged, 2 bad input, 128 + signal number when interrupted)."""
+def main(argv=None, pending=()) -> int:
+    """Entry point; returns the exit status (0 ok, 1 diverged, 2 bad input, 128 + signal number when interrupted).
+
+    ``pending``: signals that arrived while the caller was loading (``python -m scratchvae`` records them
+    rather than letting them cut an import short); the first one stops the command before it starts.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     previous = {}
     try:
         previous = stop_on_signals()
+        if pending:
+            raise Signalled(pending[0])
         return _main(argv)
     except (Signalled, KeyboardInterrupt) as exc:  # before or after training: nothing to save
         signum = exc.signum if isinstance(exc, Signalled) else signal.SIGINT

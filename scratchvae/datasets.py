@@ -147,7 +147,7 @@ def from_arrays(train, test=None, *, validation=0.1, seed=0, image_shape=None, t
         test_labels = labels_of(test_labels, len(test), "the test labels", source)
         split = f"the given test set of {len(test):,} examples"
     else:
-        if not (isinstance(validation, (int, float)) and 0 < validation < 1):
+        if not (isinstance(validation, (int, float, np.floating)) and 0 < validation < 1):
             raise DataError(f"validation must be a fraction between 0 and 1, got {validation!r}")
         n = len(train)
         if n < 2:
@@ -196,7 +196,7 @@ def load_file(path, *, validation=0.1, seed=0) -> Dataset:
     if not path.exists():
         raise DataError(f"{source}: no such file or folder")
     arrays = _load_numpy(path)
-    if len(arrays) == 1 and not any(k in arrays for k, _ in NPZ_KEYS):
+    if len(arrays) == 1 and not any(k in arrays for pair in NPZ_KEYS for k in pair):
         (train,) = arrays.values()
         return from_arrays(train, validation=validation, seed=seed, source=source)
     for train_key, test_key in NPZ_KEYS:

@@ -80,6 +80,8 @@ class VAEEstimator:
     image_shape_ : (height, width) or None
         The shape of one example when ``X`` holds images.
     seed_ : int
+    training_ : dict
+        The training configuration of the last ``fit`` (what :meth:`save` records).
     """
 
     def __init__(self, hidden=(400,), latent_dim=20, likelihood="bernoulli", activation="relu", *, epochs=10,
@@ -114,10 +116,10 @@ class VAEEstimator:
             The shape of one example, when ``X`` holds flattened images.
         """
         self.seed_ = self.seed if self.seed is not None else self._resumed_seed() or secrets.randbits(32)
-        if isinstance(validation, float):  # a fraction, as the constructor's validation
-            validation, fraction = None, validation
+        if isinstance(validation, (float, np.floating)):  # a fraction, as the constructor's validation
+            validation, fraction = None, float(validation)
         else:
-            fraction = self.validation
+            fraction = float(self.validation) if isinstance(self.validation, np.floating) else self.validation
         labels = None if y is None else np.asarray(y)
         if labels is not None and labels.dtype.kind not in "iu":
             labels = None  # only integer labels colour latent.png
@@ -136,6 +138,7 @@ class VAEEstimator:
         run = Run(cfg, log=print if self.verbose else _silent, progress=progress, dataset=data)
         run.run()
         _set_fitted(self, run.model, run.history, data.image_shape)
+        self.training_ = {**cfg.to_json(), "out": None, "resume": False, "overwrite": False}  # what save records
         return self
 
     @classmethod
@@ -209,6 +212,9 @@ class VAEEstimator:
         meta = {"model": model.config(), "history": self.history_,
                 "data": {"image_shape": None if self.image_shape_ is None else list(self.image_shape_),
                          "input_dim": self.n_features_in_}}  # fmt: skip
+        training = getattr(self, "training_", None)
+        if training is not None:  # how it was fitted: evaluate's split and binarization, load's settings
+            meta["train"] = training
         return save_checkpoint(path, model.params, meta)
 
     @classmethod
@@ -223,7 +229,14 @@ class VAEEstimator:
             raise CheckpointError(f"{path} holds an {type(model).__name__}, not a VAE")
         history = ckpt.meta.get("history")
         history = history if isinstance(history, list) and all(isinstance(r, dict) for r in history) else []
-        return cls.from_model(model, history, image_shape_of(ckpt.meta))
+        est = cls.from_model(model, history, image_shape_of(ckpt.meta))
+        training = ckpt.meta.get("train")
+        if isinstance(training, dict):  # the settings it was trained with, so that fit again trains the same way
+            for name in (*_TRAINING, "validation"):
+                if name in training and name not in ("backend", "dtype"):
+                    setattr(est, name, training[name])
+            est.training_ = training
+        return est
 
 
 def load(path, backend=None) -> VAEEstimator:

@@ -157,7 +157,7 @@ class TrainConfig:
         if self.data is not None and self.data_dir is not None:
             raise ValueError(f"data_dir (--data-dir) is MNIST's folder and data (--data) another data set: give one "
                              f"of them, not both (got {self.data_dir!r} and {self.data!r})")  # fmt: skip
-        if not (isinstance(self.validation, float) and 0 < self.validation < 1):
+        if not (isinstance(self.validation, (float, np.floating)) and 0 < self.validation < 1):
             raise ValueError(f"validation must be a fraction between 0 and 1, got {self.validation!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "

@@ -432,3 +432,35 @@ def test_sample_into_a_missing_folder_is_one_line(runs):
     d, _ = runs
     one_line_error(cli("sample", "ten", "--out", d / "nowhere" / "s.npy", cwd=d), "nowhere does not exist")
     assert not (d / "nowhere").exists()
+
+
+def test_evaluate_refuses_a_data_file_that_changed_since_training(runs, tmp_path):
+    d, _ = runs
+    run = tmp_path / "changed"
+    np.save(tmp_path / "d.npy", continuous(300))
+    assert cli("train", "--data", "d.npy", "--likelihood", "gaussian", "--hidden", 8, "--epochs", 1, "--out", run,
+               cwd=tmp_path).returncode == 0  # fmt: skip
+    assert cli("evaluate", run, "--iwae-k", 2, cwd=tmp_path).returncode == 0
+    np.save(tmp_path / "d.npy", continuous(300, seed=9))  # regenerated: other rows, so another split
+    one_line_error(cli("evaluate", run, "--iwae-k", 2, cwd=tmp_path), "is not the data", "trained on")
+
+
+def test_a_saved_estimator_keeps_how_it_was_trained(tmp_path):
+    x = continuous(400)
+    np.save(tmp_path / "x.npy", x)
+    vae = sv.VAEEstimator(hidden=(8,), latent_dim=2, likelihood="gaussian", epochs=2, lr=2e-3, seed=7,
+                          validation=0.3).fit(x)  # fmt: skip
+    vae.save(tmp_path / "e.npz")
+    again = sv.load(tmp_path / "e.npz")
+    assert (again.epochs, again.lr, again.validation, again.seed) == (2, 2e-3, 0.3, 7)
+    proc = cli("evaluate", "e.npz", "--data", "x.npy", "--iwae-k", 2, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["n_test"] == 120  # the 30% held out with seed 7, as in fit
+    assert len(sv.VAEEstimator(hidden=(8,), latent_dim=2, likelihood="gaussian", epochs=1,
+                               validation=np.float32(0.2)).fit(x).history_) == 1  # fmt: skip
+
+
+def test_an_npz_with_only_a_test_array_is_refused(tmp_path):
+    np.savez(tmp_path / "t.npz", test=continuous(20))
+    with pytest.raises(DataError, match="expected arrays named train and test"):
+        datasets.load_file(tmp_path / "t.npz")
