@@ -5,8 +5,10 @@
 #     bash benchmarks/gpu_check.sh                        # results in $OUT, or ./gpu-check-out
 #     STAGES="tests kernels" bash benchmarks/gpu_check.sh  # only these stages (versions always runs)
 #
-# Each stage has its own time limit, so one that hangs costs only its share: even if every stage ran to its
-# limit, the run would end within nine minutes (one device call); expect about four. What comes back is two
+# Each stage has its own time limit, so one that hangs costs only its share, and the whole run a budget
+# (BUDGET, 280 s): a stage gets at most what is left of it (less 10 s for the bundle), and one that would get
+# under 15 s is skipped with a line saying so (rerun it with STAGES=...). So a run ends within five minutes, and
+# a device call of ten holds two. The stages run in this order, the GPU's first. What comes back is two
 # files: summary.txt (each stage's status and the tail of its output) and gpu-check.tar.gz (every log, JSON
 # and Markdown file of the stages). Without a GPU the stages that need one say so and are skipped; the
 # others run, so the script can be tried anywhere.
@@ -17,8 +19,8 @@
 #                     reference step for every likelihood, its noise against the Philox mirror, exact resume)
 #   throughput (170)  ms per step at batch 32..2048: numpy (cpu engine), cupy reference and gpu engines,
 #                     PyTorch CPU, CUDA eager and CUDA graph, JAX jit              [GPU]
-#   kernels     (60)  kernels per step of the cupy engines and the PyTorch CUDA rows (PyTorch's profiler) [GPU]
 #   epochs      (90)  10 default MNIST epochs through the trainer with the gpu engine, beside PyTorch CUDA [GPU]
+#   kernels     (60)  kernels per step of the cupy engines and the PyTorch CUDA rows (PyTorch's profiler) [GPU]
 #   threads     (90)  on the same host: the numpy cpu engine on 1, 4, 8 and 16 threads beside PyTorch CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +33,17 @@ summary="$OUT/summary.txt"
 : >"$summary"
 PY="${PYTHON:-python3}"
 
-stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $work/NAME.log, note the status
+BUDGET="${BUDGET:-280}"  # seconds for the whole run
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a limit (within the budget), log to $work/NAME.log, note the status
     local name=$1 limit=$2
     shift 2
+    local left=$((BUDGET - 10 - SECONDS))
+    if [ "$left" -lt 15 ]; then
+        echo "== $name: skipped, the run's budget of ${BUDGET} s is spent (rerun it: STAGES=$name)" >>"$summary"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$work/$name.log" 2>&1
     local status=$?
@@ -82,11 +92,11 @@ wanted tests && stage tests 100 "$PY" -m pytest -q -p no:cacheprovider tests -k 
 gpu_stage throughput 170 "$PY" benchmarks/throughput.py --backends numpy,cupy --engines auto,reference,gpu \
     --batch-sizes 32,128,512,2048 --repeats 3 --min-time 0.15 --warmup 0.15 --roofline-time 0.03 \
     --out-dir "$work" --json "$work/throughput.json"
+gpu_stage epochs 90 "$PY" benchmarks/epoch.py --backend cupy --engine gpu --epochs 10 --out-dir "$work" \
+    --json "$work/epoch.json"
 gpu_stage kernels 60 "$PY" benchmarks/throughput.py --backends cupy --engines reference,gpu --count-kernels \
     --jax off --batch-sizes 32,128,512,2048 --repeats 1 --min-time 0.05 --warmup 0.05 --roofline-time 0.01 \
     --no-save --json "$work/kernels.json"
-gpu_stage epochs 90 "$PY" benchmarks/epoch.py --backend cupy --engine gpu --epochs 10 --out-dir "$work" \
-    --json "$work/epoch.json"
 wanted threads && stage threads 90 "$PY" benchmarks/throughput.py --backends numpy --threads 1,4,8,16 \
     --batch-sizes 128,2048 --repeats 3 --min-time 0.15 --warmup 0.15 --roofline-time 0.03 --tag cpu-threads \
     --out-dir "$work" --json "$work/threads.json"
