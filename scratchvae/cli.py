@@ -316,8 +316,7 @@ def cmd_train(args) -> int:
         print(f"the data are not images: samples and reconstructions are arrays in {out}/: {', '.join(arrays)} "
               "(numpy.load them)")  # fmt: skip
     print(f"pictures in {out}/: {', '.join(pics)}; metrics in {out / 'metrics.jsonl'}")
-    prog = "python -m scratchvae" if Path(sys.argv[0]).name == "__main__.py" else "scratchvae"
-    print(f"evaluate with: {prog} evaluate {shlex.quote(str(out))} --iwae-k 1000"
+    print(f"evaluate with: {program()} evaluate {shlex.quote(str(out))} --iwae-k 1000"
           + (" --n-test 2000" if args.data is None else ""))  # fmt: skip
     return 0
 
@@ -464,13 +463,17 @@ def cmd_sample(args) -> int:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
 
 
+def program() -> str:
+    """How this process was started: ``python -m scratchvae`` or the ``scratchvae`` script."""
+    return "python -m scratchvae" if Path(sys.argv[0]).name == "__main__.py" else "scratchvae"
+
+
 def resume_command(argv) -> str:
     """The command line that continues an interrupted ``train argv``: ``--resume`` instead of ``--overwrite``."""
-    prog = "python -m scratchvae" if Path(sys.argv[0]).name == "__main__.py" else "scratchvae"
     args = [a for a in argv if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
-    return shlex.join([*prog.split(), *args])
+    return shlex.join([*program().split(), *args])
 
 
 class Signalled(BaseException):
